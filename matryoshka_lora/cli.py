@@ -1,0 +1,60 @@
+"""`matryoshka-lora COMMAND ...`: dispatch to the command modules, each owning its own arguments.
+
+User mistakes (UserError, ValueError from config checks, missing files) print one line on stderr and
+exit 2, without a traceback.
+"""
+import importlib
+import sys
+
+COMMANDS = {
+    "train": ("matryoshka_lora.train", "fine-tune a causal LM with nested-rank LoRA from a YAML config"),
+    "eval": ("matryoshka_lora.evaluate", "evaluate a run at every rank: accuracy curve, AURAC, plot"),
+    "compare": ("matryoshka_lora.compare", "train and evaluate several methods and seeds side by side"),
+    "demo": ("matryoshka_lora.demo", "the offline demo on the embedded SmolLM2-135M-Instruct"),
+    "export": ("matryoshka_lora.export_cli", "write ranks of a run as standard PEFT adapters (or merged models)"),
+}
+
+USAGE = "usage: matryoshka-lora COMMAND [options]   (matryoshka-lora COMMAND --help for its options)\n\ncommands:\n" + \
+    "\n".join(f"  {name:<9}{about}" for name, (_, about) in COMMANDS.items())
+
+
+def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(USAGE)
+        return 0 if argv else 2
+    if argv[0] in ("-V", "--version"):
+        from . import __version__
+        print(__version__)
+        return 0
+    name, rest = argv[0], argv[1:]
+    if name not in COMMANDS:
+        import difflib
+        close = difflib.get_close_matches(name, COMMANDS, n=1)
+        hint = f"; did you mean {close[0]!r}?" if close else ""
+        print(f"matryoshka-lora: unknown command {name!r}{hint} (commands: {', '.join(COMMANDS)})", file=sys.stderr)
+        return 2
+    module = importlib.import_module(COMMANDS[name][0])
+    return run_guarded(module.main, rest, prog=f"matryoshka-lora {name}")
+
+
+def run_guarded(fn, argv, prog: str) -> int:
+    """Run a command; user errors become one stderr line and exit code 2."""
+    from .errors import UserError
+    from .adapter_io import AdapterFileError
+
+    try:
+        return int(fn(argv) or 0)
+    except (UserError, AdapterFileError, FileNotFoundError) as e:
+        print(f"{prog}: error: {e}", file=sys.stderr)
+        return 2
+    except ValueError as e:  # config validation from the library
+        print(f"{prog}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
