@@ -174,6 +174,8 @@ def _unwrapped_copy(peft_model):
         if isinstance(module, BaseTunerLayer):
             parent = base.get_submodule(name.rsplit(".", 1)[0]) if "." in name else base
             setattr(parent, name.rsplit(".", 1)[-1], module.get_base_layer())
+    if hasattr(base, "peft_config"):
+        del base.peft_config
     return base
 
 

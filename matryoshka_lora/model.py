@@ -95,10 +95,10 @@ def _attach(peft_model, config: MatryoshkaConfig, adapter_name: str) -> Matryosh
     state = MatryoshkaState(config, adapter_name)
     prefix = "base_model.model."
     for name, module in peft_model.named_modules():
-        if not isinstance(module, LoraLayer) or adapter_name not in module.lora_A:
+        if not isinstance(module, LoraLayer) or adapter_name not in module.r:
             continue
         short = name[len(prefix):] if name.startswith(prefix) else name
-        lora_B = module.lora_B[adapter_name]
+        lora_B = module.lora_B[adapter_name] if adapter_name in module.lora_B else None
         if not isinstance(lora_B, torch.nn.Linear) or adapter_name in getattr(module, "lora_variant", {}):
             raise ValueError(
                 f"module {short!r} ({type(module).__name__}) cannot honour the matryoshka gate; "

