@@ -8,6 +8,7 @@ import hashlib
 import importlib.util
 import json
 import os
+import re
 import shutil
 import tempfile
 
@@ -50,9 +51,12 @@ def cache_root() -> str:
     return os.path.abspath(root)
 
 
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+
+
 def _looks_like_path(name: str) -> bool:
-    return (name.startswith(("/", "./", "../", "~")) or name.endswith(".gguf") or os.sep in name.strip("/")
-            and name.count("/") != 1) or os.path.exists(os.path.expanduser(name))
+    """Not a hub id ("gpt2", "owner/name"): a name the user meant as a file or folder."""
+    return name.endswith(".gguf") or not _HUB_ID.match(name) or os.path.exists(os.path.expanduser(name))
 
 
 def resolve_model(name: str, dtype: str = "float32") -> str:
@@ -228,9 +232,9 @@ def load_run(run_dir: str, dtype: str = "float32", device=None):
     from .adapter_io import load_matryoshka_model
 
     config = read_train_config(run_dir)
-    model_name = config.get("model_path") or config.get("model")
-    if not model_name or not (os.path.exists(str(model_name)) or not _looks_like_path(str(model_name))):
-        model_name = config.get("model")
+    model_path = config.get("model_path")
+    # The resolved folder while it exists (a GGUF cache may have been cleared), else the name the user gave.
+    model_name = model_path if model_path and os.path.isdir(str(model_path)) else config.get("model")
     if not model_name:
         raise UserError(f"{os.path.join(run_dir, TRAIN_CONFIG_NAME)} names no model")
     base = load_base_model(model_name, dtype=dtype, device=device)
