@@ -1,0 +1,58 @@
+"""`matryoshka-lora export RUN_DIR`: write ranks of a run as standard PEFT LoRA adapters or merged models."""
+import argparse
+import os
+
+from .adapter_io import export_rank
+from .config import MatryoshkaConfig
+from .errors import UserError
+
+
+def parse_ranks(text: str | None) -> list[int] | None:
+    """'1,2,4' -> [1, 2, 4]; None stays None."""
+    if text is None:
+        return None
+    try:
+        ranks = [int(t) for t in text.split(",") if t.strip()]
+    except ValueError:
+        raise UserError(f"--ranks {text!r} is not valid; give comma-separated integers such as 1,2,4,8") from None
+    if not ranks:
+        raise UserError(f"--ranks {text!r} is empty; give comma-separated integers such as 1,2,4,8")
+    return ranks
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="matryoshka-lora export",
+        description="Write chosen ranks of a trained nested adapter as standard PEFT LoRA adapters "
+                    "(r == lora_alpha == k, loadable by PeftModel.from_pretrained, vLLM, TGI, lm-eval) "
+                    "or, with --merge, as full models with the rank-k adapter merged into the weights.")
+    p.add_argument("run_dir", help="a folder written by `matryoshka-lora train` (or any save_pretrained of a "
+                                   "matryoshka model)")
+    p.add_argument("--ranks", default=None, help="comma-separated ranks, e.g. 1,4,16 (default: the train ranks)")
+    p.add_argument("--output_dir", default=None, help="where to write rank-K/ folders (default: RUN_DIR/export)")
+    p.add_argument("--merge", action="store_true", help="write merged full models instead of adapters "
+                                                        "(loads the run's base model)")
+    return p
+
+
+def main(argv) -> int:
+    args = build_parser().parse_args(argv)
+    if not os.path.isdir(args.run_dir):
+        raise UserError(f"run folder {args.run_dir!r} not found")
+    config = MatryoshkaConfig.load(args.run_dir)
+    ranks = parse_ranks(args.ranks) or config.train_ranks
+    bad = [k for k in ranks if not 1 <= k <= config.rank]
+    if bad:
+        raise UserError(f"--ranks {bad} outside 1..{config.rank} (the run's maximum rank)")
+    out = args.output_dir or os.path.join(args.run_dir, "export")
+    source = args.run_dir
+    if args.merge:
+        from .models import load_run
+
+        source = load_run(args.run_dir)[0]
+    for k in ranks:
+        path = export_rank(source, k, os.path.join(out, f"rank-{k}"), merge=args.merge)
+        print(f"rank {k}: {path}")
+    what = "merged model" if args.merge else "PEFT adapter"
+    print(f"wrote {len(ranks)} {what}(s) under {out}")
+    return 0
