@@ -10,8 +10,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from .config import CONFIG_NAME, MatryoshkaConfig
-from .model import get_matryoshka_model, matryoshka_state
-from .ranks import check_inference_rank, rank_scale
+from .model import get_matryoshka_model, inference_gate, matryoshka_state
+from .ranks import check_inference_rank
 
 WEIGHTS_NAME = "adapter_model.safetensors"
 ADAPTER_CONFIG_NAME = "adapter_config.json"
@@ -78,8 +78,9 @@ def check_keys(expected: dict, got: dict, path: str) -> None:
         raise AdapterFileError(f"{path} does not fit this model: " + "; ".join(problems))
 
 
-def slice_weights(weights: dict[str, torch.Tensor], k: int, scale: float) -> dict[str, torch.Tensor]:
-    """Rank-k prefix of PEFT LoRA tensors with ``scale`` folded into B: A[:k] (k, in), scale·B[:, :k] (out, k)."""
+def slice_weights(weights: dict[str, torch.Tensor], k: int, scale) -> dict[str, torch.Tensor]:
+    """Rank-k prefix of PEFT LoRA tensors with ``scale`` (a number, or a (k,) gate) folded into B:
+    A[:k] (k, in) and B[:, :k]·scale (out, k)."""
     out = {}
     for key, t in weights.items():
         if "lora_A" in key:
@@ -110,7 +111,8 @@ def _json_ready(d: dict) -> dict:
 def export_rank(model_or_dir, rank: int, out_dir, merge: bool = False, base_model=None) -> str:
     """Write rank ``rank`` as a standard PEFT LoRA adapter (or, with ``merge``, a full merged model).
 
-    The adapter holds A[:k] and s_k·B[:, :k] with ``r == lora_alpha == k``, so stock
+    The adapter holds A[:k] and s_k·B[:, :k] (``inference="prefix"``: B[:, :k]·P[:k]) with
+    ``r == lora_alpha == k``, so stock
     ``PeftModel.from_pretrained`` gives the logits of ``use_rank(model, k)``.
 
     Args:
@@ -125,7 +127,7 @@ def export_rank(model_or_dir, rank: int, out_dir, merge: bool = False, base_mode
     """
     config, peft_config, weights = _source(model_or_dir)
     check_inference_rank(config.rank, rank)
-    sliced = slice_weights(weights, rank, rank_scale(rank, config.scaling))
+    sliced = slice_weights(weights, rank, inference_gate(config, rank)[:rank])
     peft_config = dict(peft_config, r=rank, lora_alpha=rank, rank_pattern={}, alpha_pattern={})
     if merge:
         return _export_merged(model_or_dir, peft_config, sliced, out_dir, base_model)

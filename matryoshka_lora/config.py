@@ -6,8 +6,10 @@ from dataclasses import dataclass, field
 
 from .ranks import SCALINGS, check_train_ranks, default_train_ranks, p_vector, rank_scale
 
-METHODS = ("matryoshka", "dylora", "lora")
+METHODS = ("matryoshka", "dylora", "lora", "matryoshka-exact", "sandwich")
+STACKED_METHODS = ("matryoshka-exact", "sandwich")  # several ranks per step, batch stacked across them
 INITS = ("peft", "paper")
+INFERENCES = ("paper", "prefix")
 DYLORA_RANKS = ("train", "all")
 CONFIG_NAME = "matryoshka_config.json"
 # LoraConfig fields that MatryoshkaConfig owns, or that cannot honour the P gate.
@@ -28,12 +30,21 @@ class MatryoshkaConfig:
         rank: maximum rank R of ``lora_A`` (R x in) and ``lora_B`` (out x R).
         train_ranks: the set S of nested ranks trained together (default: powers of two up to R, and R).
         scaling: s_r per rank: "none" (1), "rank" (1/r) or "sqrt" (1/sqrt r).
-        method: "matryoshka" (y = W0x + B(P ⊙ Ax)), "lora" (s_R·BAx) or "dylora" (one sampled rank k per step).
+        method: "matryoshka" (the paper: y = W0x + B(P ⊙ Ax)), "lora" (s_R·BAx), "dylora" (one sampled rank k
+            per step), "matryoshka-exact" (the multi-rank objective Σ_r λ_r ℓ(W0 + s_r A_r B_r), batch stacked
+            across the train ranks) or "sandwich" (the loss at R, at the smallest rank and at ``sandwich_n``
+            sampled ranks, stacked the same way).
         target_modules: module names, a regex (full match, as PEFT) or "all-linear".
         lora_dropout: dropout on the adapter input, as PEFT.
         init: "peft" (PEFT's kaiming-uniform of A, bound 1/sqrt(in)) or "paper" (bound 1/sqrt(R), the authors').
         dylora_ranks: ranks DyLoRA samples from: "train" (uniform over train_ranks) or "all" (1..R).
         lora_kwargs: further ``peft.LoraConfig`` fields (e.g. ``layers_to_transform``, ``modules_to_save``).
+        p_normalize: λ_r = 1/|S| (Appendix B's normalised weights) instead of Algorithm 1's λ_r = 1.
+        weights: general λ_r, one per train rank (overrides ``p_normalize``): P = Σ_r λ_r s_r P_r, and the
+            weights of the multi-rank loss of "matryoshka-exact".
+        inference: "paper" (rank k is s_k·A_k B_k) or "prefix" (rank k is the truncation of the trained
+            function, Σ_{i<=k} P_i b_i a_iᵀ, so rank R equals the training forward; matryoshka and lora only).
+        sandwich_n: how many ranks "sandwich" samples between the smallest and the largest each step.
 
     Raises:
         ValueError: listing every invalid field at once.
@@ -48,6 +59,10 @@ class MatryoshkaConfig:
     init: str = "peft"
     dylora_ranks: str = "train"
     lora_kwargs: dict = field(default_factory=dict)
+    p_normalize: bool = False
+    weights: list[float] | None = None
+    inference: str = "paper"
+    sandwich_n: int = 2
 
     def __post_init__(self):
         if isinstance(self.train_ranks, tuple):
@@ -57,6 +72,9 @@ class MatryoshkaConfig:
             raise ValueError("invalid MatryoshkaConfig: " + "; ".join(problems))
         if self.train_ranks is None:
             self.train_ranks = default_train_ranks(self.rank)
+        if self.weights is not None:  # keep λ_r paired with its rank while sorting
+            pairs = sorted(zip(self.train_ranks, self.weights))
+            self.train_ranks, self.weights = [r for r, _ in pairs], [float(w) for _, w in pairs]
         self.train_ranks = sorted(self.train_ranks)
 
     def problems(self) -> list[str]:
@@ -71,7 +89,8 @@ class MatryoshkaConfig:
             elif rank_ok:
                 out += check_train_ranks(self.rank, self.train_ranks)
         for name, value, valid in (("scaling", self.scaling, SCALINGS), ("method", self.method, METHODS),
-                                   ("init", self.init, INITS), ("dylora_ranks", self.dylora_ranks, DYLORA_RANKS)):
+                                   ("init", self.init, INITS), ("dylora_ranks", self.dylora_ranks, DYLORA_RANKS),
+                                   ("inference", self.inference, INFERENCES)):
             if value not in valid:
                 out.append(f"{name}={value!r} is not valid; choose one of {', '.join(valid)}")
         if not isinstance(self.lora_dropout, (int, float)) or not 0 <= self.lora_dropout < 1:
@@ -84,7 +103,35 @@ class MatryoshkaConfig:
         else:
             for key in sorted(set(self.lora_kwargs) & set(_RESERVED_LORA_KWARGS)):
                 out.append(f"lora_kwargs[{key!r}] is not allowed: {_RESERVED_LORA_KWARGS[key]}")
+        out += self._objective_problems()
         return out
+
+    def _objective_problems(self) -> list[str]:
+        out = []
+        n_ranks = len(self.train_ranks) if isinstance(self.train_ranks, list) else (
+            len(default_train_ranks(self.rank)) if isinstance(self.rank, int) and self.rank >= 1 else None)
+        if self.weights is not None:
+            w = self.weights
+            if not isinstance(w, (list, tuple)) or not all(isinstance(x, (int, float)) and x >= 0 for x in w) \
+                    or not any(x > 0 for x in w):
+                out.append(f"weights={w!r} is not valid; give one non-negative number per train rank, not all zero")
+            elif n_ranks is not None and len(w) != n_ranks:
+                out.append(f"weights has {len(w)} entries but there are {n_ranks} train ranks; give one per rank")
+        if not isinstance(self.p_normalize, bool):
+            out.append(f"p_normalize={self.p_normalize!r} is not valid; give true or false")
+        if self.inference == "prefix" and self.method not in ("matryoshka", "lora"):
+            out.append(f"inference='prefix' needs method matryoshka or lora (a single trained function), "
+                       f"not {self.method!r}")
+        if isinstance(self.sandwich_n, bool) or not isinstance(self.sandwich_n, int) or self.sandwich_n < 0:
+            out.append(f"sandwich_n={self.sandwich_n!r} is not valid; give an integer >= 0")
+        return out
+
+    def lambdas(self) -> list[float]:
+        """λ_r per train rank: ``weights``, else 1/|S| with ``p_normalize``, else 1 (Algorithm 1)."""
+        if self.weights is not None:
+            return [float(x) for x in self.weights]
+        n = len(self.train_ranks)
+        return [1.0 / n if self.p_normalize else 1.0] * n
 
     @property
     def scale_max(self) -> float:
@@ -92,8 +139,8 @@ class MatryoshkaConfig:
         return rank_scale(self.rank, self.scaling)
 
     def p(self):
-        """The training gate P of the matryoshka method, shape (rank,)."""
-        return p_vector(self.rank, self.train_ranks, self.scaling)
+        """The training gate P = Σ_r λ_r s_r P_r of the matryoshka method, shape (rank,)."""
+        return p_vector(self.rank, self.train_ranks, self.scaling, self.lambdas())
 
     def dylora_choices(self) -> list[int]:
         return list(self.train_ranks) if self.dylora_ranks == "train" else list(range(1, self.rank + 1))

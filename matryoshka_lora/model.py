@@ -11,8 +11,10 @@ weights and files stay those of a plain rank-R PEFT LoRA adapter. Which g:
     training, matryoshka   g = P            (Algorithm 1)
     training, lora         g = s_R · 1
     training, dylora       g = s_k · 1[:k]   (k from ``sample_rank`` once per step)
-    inference at rank k    g = s_k · 1[:k]
-    per-example ranks      g = (B, R): row b is s_{k_b} · 1[:k_b]
+    inference at rank k    g = s_k · 1[:k]   (``inference="prefix"``: P · 1[:k])
+    per-example ranks      g = (B, R): row b is the rank-k_b gate
+    matryoshka-exact,      per-example gates over a batch stacked across ranks (``multi_rank_loss``)
+    sandwich
 """
 import contextlib
 import re
@@ -38,6 +40,7 @@ class MatryoshkaState:
         self.layers: dict[str, LoraLayer] = {}  # name relative to the base model -> PEFT layer
         self.setting = None  # None (training), int, dict or tensor, as given to set_rank
         self.dylora_rank = config.rank  # the rank DyLoRA trains until sample_rank draws one
+        self.step_ranks: list[int] | None = None  # the ranks of this step's sandwich loss
 
 
 def get_matryoshka_model(model, config: MatryoshkaConfig, adapter_name: str = "default"):
@@ -208,13 +211,16 @@ def use_rank(model, k):
         set_rank(model, previous)
 
 
-def sample_rank(model, generator: torch.Generator | None = None) -> int | None:
-    """DyLoRA: draw the rank k of the next optimizer step (uniform over ``config.dylora_choices()``).
+def sample_rank(model, generator: torch.Generator | None = None) -> int | list[int] | None:
+    """Draw the rank(s) of the next optimizer step. Call once per optimizer step, not per micro-batch.
 
-    Call once per optimizer step, not per micro-batch. Returns k, or ``None`` for the other methods,
-    which draw nothing (so a trainer may call it unconditionally).
+    DyLoRA: k uniform over ``config.dylora_choices()``, returned. Sandwich: the largest and smallest train
+    ranks plus ``sandwich_n`` others drawn without replacement, returned as a sorted list. Other methods
+    draw nothing and return ``None`` (so a trainer may call it unconditionally).
     """
     state = matryoshka_state(model)
+    if state.config.method == "sandwich":
+        return _sample_sandwich(state, generator)
     if state.config.method != "dylora":
         return None
     choices = state.config.dylora_choices()
@@ -225,13 +231,44 @@ def sample_rank(model, generator: torch.Generator | None = None) -> int | None:
     return k
 
 
+def _sample_sandwich(state: MatryoshkaState, generator) -> list[int]:
+    S = state.config.train_ranks
+    middle = S[1:-1]
+    n = min(state.config.sandwich_n, len(middle))
+    picked = torch.randperm(len(middle), generator=generator)[:n].tolist()
+    state.step_ranks = sorted({S[0], S[-1], *(middle[i] for i in picked)})
+    return state.step_ranks
+
+
 def _training_gate(state: MatryoshkaState) -> torch.Tensor:
     c = state.config
     if c.method == "matryoshka":
         return c.p()
     if c.method == "dylora":
         return rank_gate(c.rank, state.dylora_rank, c.scaling)
-    return rank_gate(c.rank, c.rank, c.scaling)
+    return rank_gate(c.rank, c.rank, c.scaling)  # lora; and stacked methods outside multi_rank_loss
+
+
+def inference_gate(config: MatryoshkaConfig, k: int) -> torch.Tensor:
+    """The gate of rank-k inference, shape (R,): s_k·1[:k] ("paper") or P·1[:k] ("prefix")."""
+    if config.inference == "prefix":
+        full = config.p() if config.method == "matryoshka" else rank_gate(config.rank, config.rank, config.scaling)
+        check_inference_rank(config.rank, k)
+        return full * (torch.arange(config.rank) < k)
+    return rank_gate(config.rank, k, config.scaling)
+
+
+def step_objective(model) -> tuple[list[int], list[float]]:
+    """(ranks, λ) of this step's stacked loss: the train ranks for "matryoshka-exact", the sandwich draw else."""
+    state = matryoshka_state(model)
+    c = state.config
+    if c.method == "matryoshka-exact":
+        return list(c.train_ranks), c.lambdas()
+    if c.method == "sandwich":
+        ranks = state.step_ranks or sorted({c.train_ranks[0], c.rank})
+        return ranks, [1.0 / len(ranks) if c.p_normalize else 1.0] * len(ranks)
+    raise ValueError(f"method {c.method!r} trains one function per step; step_objective is for "
+                     "matryoshka-exact and sandwich")
 
 
 def _layer_ranks(state: MatryoshkaState, ranks: dict) -> dict[str, int]:
@@ -267,16 +304,23 @@ def _apply(state: MatryoshkaState) -> None:
     if k is None:
         gates = dict.fromkeys(state.layers, _training_gate(state))
     elif isinstance(k, int):
-        gates = dict.fromkeys(state.layers, rank_gate(c.rank, k, c.scaling))
+        gates = dict.fromkeys(state.layers, inference_gate(c, k))
     elif isinstance(k, dict):
         by_rank = {}
-        gates = {name: by_rank.setdefault(r, rank_gate(c.rank, r, c.scaling))
-                 for name, r in _layer_ranks(state, k).items()}
+        gates = {name: by_rank.setdefault(r, inference_gate(c, r)) for name, r in _layer_ranks(state, k).items()}
     else:
-        gates = dict.fromkeys(state.layers, batch_gate(c.rank, k, c.scaling))
+        gates = dict.fromkeys(state.layers, _batch_inference_gate(c, k))
     for name, layer in state.layers.items():
         lora_B = layer.lora_B[state.adapter_name]
         setattr(lora_B, GATE, (gates[name] / c.scale_max).to(lora_B.weight.device))
+
+
+def _batch_inference_gate(config: MatryoshkaConfig, ks: torch.Tensor) -> torch.Tensor:
+    """One inference gate per example, (B, R)."""
+    if config.inference == "paper":
+        return batch_gate(config.rank, ks, config.scaling)
+    rows = {k: inference_gate(config, k) for k in ks.unique().tolist()}
+    return torch.stack([rows[k] for k in ks.tolist()])
 
 
 def paper_init_(peft_model) -> None:

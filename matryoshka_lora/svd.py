@@ -56,7 +56,7 @@ def svd_adapter(model_or_dir, out_dir) -> str:
             continue
         B = weights[key.replace("lora_A", "lora_B")]
         out[key], out[key.replace("lora_A", "lora_B")] = (t.contiguous() for t in svd_factors(A, B, scale))
-    new_config = dataclasses.replace(config, scaling="none")
+    new_config = dataclasses.replace(config, scaling="none", inference="paper")
     peft_config = dict(peft_config, lora_alpha=config.rank)  # alpha / r = 1 = s_R of scaling "none"
     with _atomic_dir(out_dir) as tmp:
         save_file(out, os.path.join(tmp, WEIGHTS_NAME), metadata={"format": "pt"})

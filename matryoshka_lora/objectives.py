@@ -1,0 +1,51 @@
+"""The multi-rank objective Σ_r λ_r ℓ(W0 + s_r A_r B_r) in one forward/backward pass.
+
+The batch is stacked across the ranks, (|S|·B, T), with one per-example rank per copy, so the cost is one pass
+over |S| times the tokens instead of |S| passes.
+"""
+import torch
+import torch.nn.functional as F
+
+from .model import matryoshka_state, step_objective, use_rank
+
+
+def multi_rank_losses(model, input_ids, labels, attention_mask=None, ranks=None, weights=None):
+    """(Σ_r λ_r ℓ_r, tensor of the |S| per-rank losses ℓ_r), each ℓ_r the causal-LM loss at rank r.
+
+    Args:
+        model: a matryoshka model.
+        input_ids: (B, T) token ids.
+        labels: (B, T) targets, -100 where no loss is taken (shifted inside, as transformers does).
+        attention_mask: (B, T) or None.
+        ranks: the ranks r (default: the step's ranks for stacked methods, else the train ranks).
+        weights: λ_r, one per rank (default: the config's λ for the train ranks, else 1 each, or 1/|ranks| with
+            ``p_normalize``).
+    """
+    config = matryoshka_state(model).config
+    if ranks is None:
+        ranks, default_weights = step_objective(model) if config.method in ("matryoshka-exact", "sandwich") \
+            else (list(config.train_ranks), config.lambdas())
+        weights = default_weights if weights is None else weights
+    ranks = [int(r) for r in ranks]
+    if weights is None:
+        weights = [1.0 / len(ranks) if config.p_normalize else 1.0] * len(ranks)
+    if len(weights) != len(ranks):
+        raise ValueError(f"{len(weights)} weights for {len(ranks)} ranks; give one weight per rank")
+    n, B = len(ranks), input_ids.shape[0]
+    ids = input_ids.repeat(n, 1)  # (n·B, T), rank-major
+    mask = attention_mask.repeat(n, 1) if attention_mask is not None else None
+    per_example = torch.tensor(ranks, device=input_ids.device).repeat_interleave(B)  # (n·B,)
+    with use_rank(model, per_example):
+        logits = model(input_ids=ids, attention_mask=mask).logits  # (n·B, T, V)
+    target = labels[:, 1:]  # (B, T-1)
+    token_loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), target.repeat(n, 1).flatten(),
+                                 ignore_index=-100, reduction="none").view(n, B, -1)  # (n, B, T-1)
+    count = (target != -100).sum().clamp(min=1)
+    per_rank = token_loss.sum(dim=(1, 2)) / count  # (n,)
+    w = torch.tensor(weights, dtype=per_rank.dtype, device=per_rank.device)
+    return (w * per_rank).sum(), per_rank.detach()
+
+
+def multi_rank_loss(model, input_ids, labels, attention_mask=None, ranks=None, weights=None):
+    """Σ_r λ_r ℓ(W0 + s_r A_r B_r) in one stacked pass; see ``multi_rank_losses``."""
+    return multi_rank_losses(model, input_ids, labels, attention_mask, ranks, weights)[0]
