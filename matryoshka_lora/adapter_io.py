@@ -3,6 +3,7 @@ import json
 import os
 import shutil
 import tempfile
+import warnings
 
 import torch
 from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
@@ -53,6 +54,7 @@ def load_matryoshka_model(base_model, directory, is_trainable: bool = False, ada
     """
     config = MatryoshkaConfig.load(directory)
     weights = read_weights(directory)
+    _warn_on_other_base(base_model, directory)
     model = get_matryoshka_model(base_model, config, adapter_name)
     expected = get_peft_model_state_dict(model, adapter_name=adapter_name)
     check_keys(expected, weights, os.path.join(directory, WEIGHTS_NAME))
@@ -62,6 +64,19 @@ def load_matryoshka_model(base_model, directory, is_trainable: bool = False, ada
             p.requires_grad_(False)
         model.eval()
     return model
+
+
+def _warn_on_other_base(base_model, directory) -> None:
+    """Shapes are checked strictly; a base model of another name with the same shapes only warns."""
+    path = os.path.join(directory, ADAPTER_CONFIG_NAME)
+    if not os.path.isfile(path):
+        return
+    trained_on = read_json(path).get("base_model_name_or_path")
+    given = getattr(getattr(base_model, "config", None), "_name_or_path", None) or getattr(base_model, "name_or_path", None)
+    if trained_on and given and os.path.basename(os.path.normpath(str(trained_on))) != os.path.basename(
+            os.path.normpath(str(given))):
+        warnings.warn(f"the adapter in {directory} was trained on {trained_on!r} but is being loaded onto "
+                      f"{given!r}; the shapes fit, but check that this is the model you meant", stacklevel=3)
 
 
 def check_keys(expected: dict, got: dict, path: str) -> None:

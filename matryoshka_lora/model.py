@@ -17,7 +17,9 @@ weights and files stay those of a plain rank-R PEFT LoRA adapter. Which g:
     sandwich
 """
 import contextlib
+import os
 import re
+import tempfile
 import types
 
 import torch
@@ -25,7 +27,7 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from peft.tuners.lora import LoraLayer
 from peft.utils import transpose
 
-from .config import MatryoshkaConfig
+from .config import CONFIG_NAME, MatryoshkaConfig
 from .ranks import batch_gate, check_inference_rank, rank_gate
 
 GATE = "matryoshka_gate"
@@ -149,13 +151,23 @@ def _gated_delta_weight(layer, adapter):
 
 
 def _save_pretrained(peft_model, save_directory, *args, **kwargs):
-    PeftModel.save_pretrained(peft_model, save_directory, *args, **kwargs)
-    if _is_main_process(kwargs):
-        peft_model.matryoshka.config.save(save_directory)
-
-
-def _is_main_process(kwargs) -> bool:
-    return kwargs.get("is_main_process", True)
+    """PEFT's save, made safe to interrupt: files are written to a temporary folder and moved into place,
+    ``matryoshka_config.json`` (which loading requires) removed first and written last."""
+    if not kwargs.get("is_main_process", True):
+        return PeftModel.save_pretrained(peft_model, save_directory, *args, **kwargs)
+    os.makedirs(save_directory, exist_ok=True)
+    marker = os.path.join(save_directory, CONFIG_NAME)
+    if os.path.exists(marker):
+        os.remove(marker)
+    with tempfile.TemporaryDirectory(prefix=".saving-", dir=save_directory) as tmp:
+        PeftModel.save_pretrained(peft_model, tmp, *args, **kwargs)
+        for root, _, files in os.walk(tmp):  # PEFT nests non-default adapter names in sub-folders
+            for name in files:
+                src = os.path.join(root, name)
+                dst = os.path.join(save_directory, os.path.relpath(src, tmp))
+                os.makedirs(os.path.dirname(dst), exist_ok=True)
+                os.replace(src, dst)
+    peft_model.matryoshka.config.save(save_directory)
 
 
 def matryoshka_state(model) -> MatryoshkaState:

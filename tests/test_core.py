@@ -1,5 +1,6 @@
 """The gated PEFT model: training forward (Eq. 3/4/7), gradients (Eq. 12/13), ranks, export, refusals."""
 import copy
+import os
 
 import pytest
 import torch
@@ -414,3 +415,34 @@ def test_strict_loading_names_the_problem(tmp_path):
     (tmp_path / "matryoshka_config.json").write_text("{\"rank\": 4, ")
     with pytest.raises(ValueError, match="matryoshka_config.json is not valid JSON"):
         load_matryoshka_model(tiny_model(vocab_size=VOCAB), tmp_path)
+
+
+def test_save_is_complete_or_absent(tmp_path, monkeypatch):
+    """A save that fails halfway leaves no matryoshka_config.json, so the folder does not look complete."""
+    model = wrapped(rank=4)
+    model.save_pretrained(tmp_path)
+    assert (tmp_path / "matryoshka_config.json").exists()
+
+    def broken_save(self, directory, *a, **k):
+        with open(os.path.join(directory, "adapter_model.safetensors"), "wb") as f:
+            f.write(b"partial")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(PeftModel, "save_pretrained", broken_save)
+    with pytest.raises(OSError, match="disk full"):
+        model.save_pretrained(tmp_path)
+    assert not (tmp_path / "matryoshka_config.json").exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".saving-")]
+    monkeypatch.undo()
+    with pytest.raises(FileNotFoundError, match="not a matryoshka-lora adapter folder"):
+        load_matryoshka_model(tiny_model(vocab_size=VOCAB), tmp_path)
+
+
+def test_other_base_name_warns(tmp_path):
+    model = wrapped(rank=4)
+    model.peft_config["default"].base_model_name_or_path = "org/model-a"
+    model.save_pretrained(tmp_path)
+    other = tiny_model(vocab_size=VOCAB)
+    other.config._name_or_path = "org/model-b"
+    with pytest.warns(UserWarning, match="trained on 'org/model-a'.*'org/model-b'"):
+        load_matryoshka_model(other, tmp_path)
