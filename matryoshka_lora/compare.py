@@ -1,0 +1,294 @@
+"""`matryoshka-lora compare CONFIG.yaml`: train every method with the same config and seeds, evaluate all at
+the same ranks, and report one side-by-side table (per-rank values, AURAC, log-AURAC, means over seeds) and
+one plot.
+
+``lora-svd`` is a baseline the paper did not run: the trained plain-LoRA adapter truncated at rank k by the SVD
+of its ΔW (the best rank-k approximation). It tells whether nested training beats post-hoc truncation.
+"""
+import argparse
+import json
+import os
+import shutil
+import statistics
+import time
+
+from .config import METHODS
+from .errors import UserError
+from .export_cli import parse_ranks
+from .ranks import aurac, log_aurac
+
+SVD = "lora-svd"
+ALL_METHODS = METHODS + (SVD,)
+DEFAULT_METHODS = "matryoshka,dylora,lora,lora-svd"
+DEFAULT_SEEDS = "42,666,2408"  # the paper's
+EVAL_OPTIONS = ("task", "ranks", "shots", "limit", "batch_size", "max_new_tokens")
+
+
+def parse_methods(text: str) -> list[str]:
+    methods = [m.strip() for m in text.split(",") if m.strip()]
+    bad = [m for m in methods if m not in ALL_METHODS]
+    if bad or not methods:
+        raise UserError(f"--methods {text!r}: {bad or 'none given'} not valid; choose from {', '.join(ALL_METHODS)}")
+    return list(dict.fromkeys(methods))
+
+
+def parse_seeds(text: str) -> list[int]:
+    try:
+        seeds = [int(s) for s in text.split(",") if s.strip()]
+    except ValueError:
+        seeds = []
+    if not seeds:
+        raise UserError(f"--seeds {text!r} is not valid; give comma-separated integers such as 42,666,2408")
+    return list(dict.fromkeys(seeds))
+
+
+def train_or_reuse(file_values: dict, overrides: dict, method: str, seed: int, run_dir: str, source: str) -> str:
+    """Train one (method, seed) into ``run_dir``, or reuse it when a complete run with this config is there."""
+    from . import train as train_mod
+
+    config = train_mod.build_config(file_values, {**overrides, "method": method, "seed": seed,
+                                                  "output_dir": run_dir}, source=source)
+    if _complete_with_same_config(run_dir, config):
+        print(f"matryoshka-lora compare: reusing the finished run {run_dir}", flush=True)
+        return run_dir
+    config.overwrite = os.path.isdir(run_dir)
+    return train_mod.train(config)
+
+
+def _complete_with_same_config(run_dir: str, config) -> bool:
+    from . import train as train_mod
+    from .models import read_train_config
+
+    if not os.path.isfile(os.path.join(run_dir, train_mod.COMPLETE_NAME)):
+        return False
+    saved = read_train_config(run_dir)
+    wanted = {k: v for k, v in vars(config).items() if k not in ("overwrite", "resume")}
+    return all(saved.get(k) == v for k, v in wanted.items())
+
+
+def make_svd_run(lora_run: str, run_dir: str) -> str:
+    """A run folder whose adapter is the SVD re-factoring of ``lora_run``'s (same tokenizer and train config)."""
+    from .svd import svd_adapter
+
+    svd_adapter(lora_run, run_dir)
+    adapter_files = {"adapter_model.safetensors", "adapter_config.json", "matryoshka_config.json"}
+    for name in os.listdir(lora_run):
+        src = os.path.join(lora_run, name)
+        if os.path.isfile(src) and name not in adapter_files and not name.startswith("."):
+            shutil.copy2(src, os.path.join(run_dir, name))
+    return run_dir
+
+
+def share_pretrained(first_eval_dir: str, eval_dir: str) -> None:
+    """The base model's score does not depend on the adapter: give later runs the first run's record
+    (evaluate reuses it only when its settings hash matches)."""
+    from .evaluate import PRETRAINED, rank_file
+
+    src, dst = rank_file(first_eval_dir, PRETRAINED), rank_file(eval_dir, PRETRAINED)
+    if os.path.isfile(src) and not os.path.isfile(dst):
+        os.makedirs(os.path.dirname(dst), exist_ok=True)
+        shutil.copy2(src, dst)
+
+
+def aggregate(results: dict, methods: list[str], seeds: list[int]) -> dict:
+    """Per method: the per-seed curves and their mean (per rank, AURAC, log-AURAC)."""
+    first = next(iter(results.values()))[seeds[0]]
+    ranks = first["ranks"]
+    out = {"task": first["task"], "metric": first["metric"], "ranks": ranks, "seeds": seeds,
+           "pretrained": first["pretrained"], "methods": {}}
+    for m in methods:
+        per_seed = {s: results[m][s] for s in seeds}
+        curves = [[r["value"] for r in per_seed[s]["per_rank"]] for s in seeds]
+        mean_curve = [statistics.fmean(c[i] for c in curves) for i in range(len(ranks))]
+        entry = {
+            "per_rank": mean_curve,
+            "aurac": statistics.fmean(aurac(ranks, c) for c in curves),
+            "per_seed": {str(s): {"per_rank": c, "aurac": aurac(ranks, c), "run_dir": per_seed[s]["run_dir"]}
+                         for s, c in zip(seeds, curves)},
+        }
+        if "log_aurac" in first:
+            entry["log_aurac"] = statistics.fmean(log_aurac(ranks, c) for c in curves)
+            for s, c in zip(seeds, curves):
+                entry["per_seed"][str(s)]["log_aurac"] = log_aurac(ranks, c)
+        if len(seeds) > 1:
+            entry["aurac_stdev"] = statistics.stdev(entry["per_seed"][str(s)]["aurac"] for s in seeds)
+        out["methods"][m] = entry
+    return out
+
+
+def _pct(x) -> str:
+    return "" if x is None else f"{100 * x:.1f}"
+
+
+def markdown(summary: dict) -> str:
+    """One row per method (mean over seeds), one column per rank, then AURAC and log-AURAC; best AURAC in bold."""
+    ranks = summary["ranks"]
+    head = ["method"] + [f"r={k}" for k in ranks] + ["AURAC", "log-AURAC"]
+    best = max(e["aurac"] for e in summary["methods"].values())
+    lines = [f"{summary['task']}: {summary['metric']} (%), mean over seeds {summary['seeds']}; "
+             f"pretrained (no adapter): {_pct(summary['pretrained'])}", "",
+             "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for m, e in summary["methods"].items():
+        a = _pct(e["aurac"])
+        if len(summary["methods"]) > 1 and e["aurac"] == best:
+            a = f"**{a}**"
+        cells = [m] + [_pct(v) for v in e["per_rank"]] + [a, _pct(e.get("log_aurac"))]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(summary: dict, path: str) -> None:
+    """Every method's mean curve vs rank on a log2 axis, the pretrained level as a dashed line."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ranks = summary["ranks"]
+    fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
+    for m, e in summary["methods"].items():
+        ax.plot(ranks, e["per_rank"], "o-", label=f"{m} (AURAC {100 * e['aurac']:.1f})")
+    ax.axhline(summary["pretrained"], color="gray", linestyle="--", label="pretrained")
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(ranks, [str(k) for k in ranks])
+    ax.set_xlabel("rank")
+    ax.set_ylabel(summary["metric"])
+    ax.set_title(f"{summary['task']}: mean over seeds {', '.join(map(str, summary['seeds']))}", fontsize=9)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    tmp = path + ".tmp.png"
+    fig.savefig(tmp)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+def write_summary(summary: dict, output_dir: str) -> dict:
+    os.makedirs(output_dir, exist_ok=True)
+    paths = {"json": os.path.join(output_dir, "compare.json"), "md": os.path.join(output_dir, "compare.md"),
+             "png": os.path.join(output_dir, "compare.png")}
+    for key, text in (("json", json.dumps(summary, indent=2)), ("md", markdown(summary))):
+        with open(paths[key] + ".tmp", "w") as f:
+            f.write(text)
+        os.replace(paths[key] + ".tmp", paths[key])
+    plot(summary, paths["png"])
+    return paths
+
+
+def compare(config_path: str | None, methods: list[str], seeds: list[int], output_dir: str,
+            overrides: dict | None = None, eval_options: dict | None = None) -> dict:
+    """Train and evaluate every (method, seed); return the summary (also written to ``output_dir``).
+
+    Args:
+        config_path: a train YAML (None: the train defaults).
+        methods: from ``ALL_METHODS``; ``lora-svd`` reuses (or trains) the ``lora`` run of each seed.
+        seeds: one run per seed and method.
+        output_dir: runs go to ``output_dir/<method>/seed-<s>``; compare.json/.md/.png at the top.
+        overrides: train config keys that win over the file (as ``--key value`` on the command line).
+        eval_options: keyword arguments of ``evaluate_run`` (task, ranks, shots, limit, batch_size, ...).
+    """
+    from . import train as train_mod
+    from .evaluate import evaluate_run
+
+    file_values = train_mod.read_yaml(config_path) if config_path else {}
+    overrides, eval_options = dict(overrides or {}), dict(eval_options or {})
+    for key in ("method", "seed", "output_dir"):
+        file_values.pop(key, None)
+    train_mod.build_config(file_values, {**overrides, "output_dir": output_dir}, source=config_path or "command line")
+    trained = [m for m in methods if m != SVD]
+    if SVD in methods and "lora" not in trained:
+        trained.append("lora")
+    started = time.perf_counter()
+    results, first_eval = {m: {} for m in methods}, None
+    for seed in seeds:
+        for m in trained + ([SVD] if SVD in methods else []):
+            run_dir = os.path.join(output_dir, m, f"seed-{seed}")
+            print(f"\n=== matryoshka-lora compare: {m}, seed {seed} ===", flush=True)
+            if m == SVD:
+                make_svd_run(results.get("lora", {}).get(seed, {}).get("run_dir") or
+                             os.path.join(output_dir, "lora", f"seed-{seed}"), run_dir)
+            else:
+                train_or_reuse(file_values, overrides, m, seed, run_dir, config_path or "command line")
+            eval_dir = os.path.join(run_dir, "eval")
+            if first_eval:
+                share_pretrained(first_eval, eval_dir)
+            result = evaluate_run(run_dir, output_dir=eval_dir, **eval_options)
+            first_eval = first_eval or eval_dir
+            results.setdefault(m, {})[seed] = result
+    summary = aggregate(results, methods, seeds)
+    summary["seconds_total"] = round(time.perf_counter() - started, 1)
+    paths = write_summary(summary, output_dir)
+    print("\n" + markdown(summary))
+    print(f"table: {paths['md']}\nplot:  {paths['png']}\ndata:  {paths['json']}")
+    return summary
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="matryoshka-lora compare",
+        description="Train each method with the same config and seeds, evaluate all at the same ranks, and write "
+                    "one side-by-side table (per-rank values, AURAC, log-AURAC, mean over seeds) and one plot. "
+                    "Any train config key may follow as --key value (see matryoshka-lora train --help).",
+        epilog="example: matryoshka-lora compare configs/smollm2-arithmetic.yaml --seeds 0 "
+               "--methods matryoshka,lora,lora-svd --max_steps 60 --limit 40")
+    p.add_argument("config", nargs="?", help="train YAML shared by every run (default: the train defaults)")
+    p.add_argument("--seeds", default=DEFAULT_SEEDS, help=f"comma-separated seeds (default: {DEFAULT_SEEDS}, the paper's)")
+    p.add_argument("--methods", default=DEFAULT_METHODS,
+                   help=f"comma-separated, from {', '.join(ALL_METHODS)} (default: {DEFAULT_METHODS})")
+    p.add_argument("--output_dir", default=None, help="default: runs/compare-<config name>")
+    p.add_argument("--task", default=None, help="eval task (default: the config's data): gsm8k, arithmetic, a JSONL "
+                                                "file or lm-eval:<task>")
+    p.add_argument("--ranks", default=None, help="eval ranks, e.g. 1,2,4,8 (default: the train ranks)")
+    p.add_argument("--shots", type=int, default=None, help="few-shot exemplars per eval prompt (default 0)")
+    p.add_argument("--limit", type=int, default=None, help="evaluate the first N test examples (default: all)")
+    p.add_argument("--eval_batch_size", dest="batch_size", type=int, default=16, help="prompts per eval batch")
+    p.add_argument("--max_new_tokens", type=int, default=256, help="generation budget per answer")
+    return p
+
+
+def split_train_overrides(rest: list[str]) -> dict:
+    """The ``--key value`` train overrides among the arguments compare does not know itself."""
+    from . import train as train_mod
+
+    args, unknown = train_mod.parser().parse_known_args(rest)
+    if unknown:
+        bad = [u for u in unknown if u.startswith("-")] or unknown
+        key = bad[0].lstrip("-").split("=", 1)[0]
+        raise UserError(train_mod.unknown_key_problem(key) if bad[0].startswith("--")
+                        else f"unexpected argument {bad[0]!r}")
+    if args.config:
+        raise UserError(f"unexpected argument {args.config!r} (one CONFIG.yaml at most; values follow their --key)")
+    return {k: v for k, v in vars(args).items() if k != "config"}
+
+
+def split_argv(argv: list[str], parser: argparse.ArgumentParser) -> tuple[list[str], list[str]]:
+    """(this command's arguments, the train ``--key value`` overrides), so that a train value is never taken
+    for the positional CONFIG."""
+    own = {o for a in parser._actions for o in a.option_strings}
+    mine, train = [], []
+    i = 0
+    while i < len(argv):
+        token = argv[i]
+        if not token.startswith("-") or token == "-":
+            mine.append(token)
+            i += 1
+            continue
+        takes_value = "=" not in token and i + 1 < len(argv) and not argv[i + 1].startswith("--")
+        group = mine if token.split("=", 1)[0] in own else train
+        group += argv[i:i + 1 + takes_value]
+        i += 1 + takes_value
+    return mine, train
+
+
+def main(argv) -> int:
+    parser = build_parser()
+    mine, rest = split_argv(list(argv), parser)
+    args = parser.parse_args(mine)
+    overrides = split_train_overrides(rest)
+    methods, seeds = parse_methods(args.methods), parse_seeds(args.seeds)
+    stem = os.path.splitext(os.path.basename(args.config))[0] if args.config else "defaults"
+    output_dir = args.output_dir or os.path.join("runs", f"compare-{stem}")
+    eval_options = {k: getattr(args, k) for k in EVAL_OPTIONS if getattr(args, k) is not None}
+    if "ranks" in eval_options:
+        eval_options["ranks"] = parse_ranks(eval_options["ranks"])
+    compare(args.config, methods, seeds, output_dir, overrides, eval_options)
+    return 0
