@@ -1,0 +1,149 @@
+"""`lm-eval:<task>` offline: custom task YAMLs over local JSONL, cross-checked against our own scoring."""
+import json
+
+import pytest
+import torch
+
+from test_evaluate import GSM_ROWS, make_run, write_jsonl
+
+pytest.importorskip("lm_eval")
+
+from matryoshka_lora.cli import main as cli_main  # noqa: E402
+from matryoshka_lora.evaluate import evaluate_run  # noqa: E402
+
+MC_ROWS = [{"query": "The color of the sky is", "choices": ["blue", "green", "a banana"], "label": 0},
+           {"query": "Two plus two is", "choices": ["three", "four"], "label": 1},
+           {"query": "Cats say", "choices": ["woof", "meow", "moo"], "label": 1},
+           {"query": "Ice is", "choices": ["cold", "hot"], "label": 0}]
+
+MC_YAML = """task: tiny_mc
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {data}
+test_split: test
+output_type: multiple_choice
+doc_to_text: "{{{{query}}}}"
+doc_to_choice: "{{{{choices}}}}"
+doc_to_target: label
+metric_list:
+  - metric: acc
+  - metric: acc_norm
+"""
+
+# lm-eval's gsm8k.yaml with the data swapped for a local file
+GSM_YAML = """task: tiny_gsm8k
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {data}
+test_split: test
+output_type: generate_until
+doc_to_text: "Question: {{{{question}}}}\\nAnswer:"
+doc_to_target: "{{{{answer}}}}"
+metric_list:
+  - metric: exact_match
+    aggregation: mean
+    higher_is_better: true
+    ignore_case: true
+    ignore_punctuation: false
+    regexes_to_ignore:
+      - ","
+      - "\\\\$"
+      - "(?s).*#### "
+      - "\\\\.$"
+generation_kwargs:
+  until:
+    - "Question:"
+    - "</s>"
+    - "<|im_end|>"
+  do_sample: false
+  temperature: 0.0
+filter_list:
+  - name: "strict-match"
+    filter:
+      - function: "regex"
+        regex_pattern: "#### (\\\\-?[0-9\\\\.\\\\,]+)"
+      - function: "take_first"
+  - name: "flexible-extract"
+    filter:
+      - function: "regex"
+        group_select: -1
+        regex_pattern: "(-?[$0-9.,]{{2,}})|(-?[0-9]+)"
+      - function: "take_first"
+"""
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def run_dir(tiny_llama_dir, tmp_path_factory):
+    return make_run(tiny_llama_dir, tmp_path_factory.mktemp("run"), seed=3)
+
+
+@pytest.fixture(scope="module")
+def tasks(tmp_path_factory):
+    d = tmp_path_factory.mktemp("tasks")
+    mc = write_jsonl(d / "mc.jsonl", MC_ROWS)
+    gsm = write_jsonl(d / "gsm.jsonl", [{"question": q, "answer": a} for q, a in GSM_ROWS[:3]])
+    (d / "yaml").mkdir()
+    (d / "yaml" / "tiny_mc.yaml").write_text(MC_YAML.format(data=mc))
+    (d / "yaml" / "tiny_gsm8k.yaml").write_text(GSM_YAML.format(data=gsm))
+    return {"include": str(d / "yaml"), "mc": mc, "gsm": gsm}
+
+
+def test_lm_eval_multiple_choice_matches_our_scoring(run_dir, tasks, tmp_path):
+    ranks = [1, 8]
+    theirs = evaluate_run(run_dir, task="lm-eval:tiny_mc", ranks=ranks, shots=0, include_path=tasks["include"],
+                          output_dir=str(tmp_path / "lm"), progress=False)
+    rows = [{"prompt": r["query"], "choices": r["choices"], "label": r["label"]} for r in MC_ROWS]
+    ours = evaluate_run(run_dir, task=write_jsonl(tmp_path / "mc.jsonl", rows), ranks=ranks,
+                        output_dir=str(tmp_path / "ours"), progress=False)
+    assert theirs["metric"] == "acc_norm,none"
+    for a, b in zip(theirs["per_rank"] + [{"metrics": theirs["pretrained_metrics"]}],
+                    ours["per_rank"] + [{"metrics": ours["pretrained_metrics"]}]):
+        assert a["metrics"]["acc,none"] == pytest.approx(b["metrics"]["acc"])
+        assert a["metrics"]["acc_norm,none"] == pytest.approx(b["metrics"]["acc_norm"])
+    assert (tmp_path / "lm" / "eval.md").exists() and theirs["per_rank"][0]["n"] == 4
+    # lm-eval really ran each rank: its per-choice log-likelihoods are ours at that rank (and differ by rank)
+    seen = []
+    for k in [0] + ranks:
+        name = "pretrained.json" if k == 0 else f"rank-{k}.json"
+        lm = json.loads((tmp_path / "lm" / "ranks" / name).read_text())["samples"]
+        mine = json.loads((tmp_path / "ours" / "ranks" / name).read_text())["samples"]
+        for a, b in zip(sorted(lm, key=lambda s: s["doc_id"]), mine):
+            assert [r[0] for r in a["filtered_resps"]] == pytest.approx(b["loglikelihoods"], abs=1e-3)
+        seen.append(mine[0]["loglikelihoods"][0])
+    assert len(set(seen)) == 3
+
+
+def test_lm_eval_gsm8k_filters_match_ours(run_dir, tasks, tmp_path):
+    """The same greedy completions through lm-eval's gsm8k filters and metric and through ours."""
+    common = dict(ranks=[2, 8], max_new_tokens=8, batch_size=3, progress=False)
+    theirs = evaluate_run(run_dir, task="lm-eval:tiny_gsm8k", shots=0, include_path=tasks["include"],
+                          output_dir=str(tmp_path / "lm"), **common)
+    ours = evaluate_run(run_dir, task=tasks["gsm"], output_dir=str(tmp_path / "ours"), **common)
+    assert theirs["metric"] == "exact_match,strict-match"
+    for a, b in zip(theirs["per_rank"], ours["per_rank"]):
+        assert a["metrics"]["exact_match,strict-match"] == b["metrics"]["exact_match_strict"]
+        assert a["metrics"]["exact_match,flexible-extract"] == b["metrics"]["exact_match_flexible"]
+
+
+def test_lm_eval_cli_and_unknown_task(run_dir, tasks, tmp_path, capsys):
+    out = tmp_path / "cli"
+    code = cli_main(["eval", run_dir, "--task", "lm-eval:tiny_mc", "--include_path", tasks["include"],
+                     "--ranks", "2", "--metric", "acc,none", "--output_dir", str(out), "--no_progress"])
+    assert code == 0
+    result = json.loads((out / "eval.json").read_text())
+    assert result["metric"] == "acc,none" and [r["rank"] for r in result["per_rank"]] == [2]
+    code = cli_main(["eval", run_dir, "--task", "lm-eval:tiny_mcq", "--include_path", tasks["include"],
+                     "--output_dir", str(tmp_path / "bad")])
+    err = capsys.readouterr().err
+    assert code == 2 and "tiny_mcq" in err and "tiny_mc" in err.split("close names:")[-1]
+    assert not (tmp_path / "bad").exists()
