@@ -14,7 +14,7 @@ import time
 
 from .config import METHODS
 from .errors import UserError
-from .export_cli import parse_ranks
+from .evaluate import parse_ranks
 from .ranks import aurac, log_aurac
 
 SVD = "lora-svd"
