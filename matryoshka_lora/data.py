@@ -192,6 +192,9 @@ def tokenize_examples(examples: list[dict], tokenizer, max_length: int) -> tuple
     """
     eos = tokenizer.eos_token_id
     prompts = tokenizer([e["prompt"] for e in examples], add_special_tokens=True)["input_ids"]
+    if any(e.get("chat") for e in examples):  # a chat template writes its own BOS
+        bare = tokenizer([e["prompt"] for e in examples], add_special_tokens=False)["input_ids"]
+        prompts = [b if e.get("chat") else p for e, p, b in zip(examples, prompts, bare)]
     completions = tokenizer([e["completion"] for e in examples], add_special_tokens=False)["input_ids"]
     features, counts = [], dict(examples=len(examples), kept=0, truncated=0, dropped=0, tokens=0, label_tokens=0)
     for e, p, c in zip(examples, prompts, completions):

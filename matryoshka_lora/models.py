@@ -188,7 +188,10 @@ def load_tokenizer(name: str):
     """
     from transformers import AutoTokenizer
 
-    path = resolve_model(name)
+    # A folder with tokenizer files (a run folder has no config.json) is read as it is.
+    folder = os.path.expanduser(name) if isinstance(name, str) else None
+    has_tokenizer = folder and os.path.isfile(os.path.join(folder, "tokenizer_config.json"))
+    path = folder if has_tokenizer else resolve_model(name)
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
     except (OSError, ValueError) as e:
