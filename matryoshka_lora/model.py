@@ -171,6 +171,11 @@ def _save_pretrained(peft_model, save_directory, *args, **kwargs):
 
 
 def matryoshka_state(model) -> MatryoshkaState:
+    """The state of a matryoshka model, also through wrappers (DDP's ``.module``, torch.compile's ``_orig_mod``)."""
+    for _ in range(4):
+        if isinstance(getattr(model, "matryoshka", None), MatryoshkaState):
+            break
+        model = getattr(model, "module", None) or getattr(model, "_orig_mod", None) or model
     state = getattr(model, "matryoshka", None)
     if not isinstance(state, MatryoshkaState):
         raise ValueError(

@@ -9,7 +9,8 @@ import torch.nn.functional as F
 from .model import matryoshka_state, step_objective, use_rank
 
 
-def multi_rank_losses(model, input_ids, labels, attention_mask=None, ranks=None, weights=None):
+def multi_rank_losses(model, input_ids, labels, attention_mask=None, ranks=None, weights=None,
+                      num_items_in_batch=None):
     """(Σ_r λ_r ℓ_r, tensor of the |S| per-rank losses ℓ_r), each ℓ_r the causal-LM loss at rank r.
 
     Args:
@@ -20,6 +21,8 @@ def multi_rank_losses(model, input_ids, labels, attention_mask=None, ranks=None,
         ranks: the ranks r (default: the step's ranks for stacked methods, else the train ranks).
         weights: λ_r, one per rank (default: the config's λ for the train ranks, else 1 each, or 1/|ranks| with
             ``p_normalize``).
+        num_items_in_batch: the answer tokens of the whole optimizer step (as the transformers Trainer passes
+            with gradient accumulation); default: those of this batch, so ℓ_r is the usual token mean.
     """
     config = matryoshka_state(model).config
     if ranks is None:
@@ -40,12 +43,13 @@ def multi_rank_losses(model, input_ids, labels, attention_mask=None, ranks=None,
     target = labels[:, 1:]  # (B, T-1)
     token_loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), target.repeat(n, 1).flatten(),
                                  ignore_index=-100, reduction="none").view(n, B, -1)  # (n, B, T-1)
-    count = (target != -100).sum().clamp(min=1)
+    count = (target != -100).sum().clamp(min=1) if num_items_in_batch is None else num_items_in_batch
     per_rank = token_loss.sum(dim=(1, 2)) / count  # (n,)
     w = torch.tensor(weights, dtype=per_rank.dtype, device=per_rank.device)
     return (w * per_rank).sum(), per_rank.detach()
 
 
-def multi_rank_loss(model, input_ids, labels, attention_mask=None, ranks=None, weights=None):
+def multi_rank_loss(model, input_ids, labels, attention_mask=None, ranks=None, weights=None,
+                    num_items_in_batch=None):
     """Σ_r λ_r ℓ(W0 + s_r A_r B_r) in one stacked pass; see ``multi_rank_losses``."""
-    return multi_rank_losses(model, input_ids, labels, attention_mask, ranks, weights)[0]
+    return multi_rank_losses(model, input_ids, labels, attention_mask, ranks, weights, num_items_in_batch)[0]

@@ -57,8 +57,10 @@ class TrainConfig:
                                    "default 2000)", "int?")
     max_length: int = key(256, "tokens per example; longer examples are truncated (and counted)", "int")
     # the adapter
-    method: str = key("matryoshka", "matryoshka (all nested ranks at once), dylora (one sampled rank per "
-                      "optimizer step) or lora", "str")
+    method: str = key("matryoshka", "matryoshka (the paper: all nested ranks at once through P), dylora (one "
+                      "sampled rank per optimizer step), lora, matryoshka-exact (the multi-rank loss itself, the "
+                      "batch stacked across the train ranks) or sandwich (loss at R, the smallest rank and "
+                      "sandwich_n sampled ranks, stacked)", "str")
     rank: int = key(8, "maximum rank R of the adapter", "int")
     train_ranks: list[int] | None = key(None, "nested ranks S trained together, e.g. 1,2,4,8 (default: powers "
                                         "of two up to R, and R)", "ranks")
@@ -70,6 +72,12 @@ class TrainConfig:
     init: str = key("peft", "init of A: peft (kaiming-uniform, bound 1/sqrt(in)) or paper (bound 1/sqrt(R))", "str")
     dylora_ranks: str = key("train", "ranks DyLoRA samples from: train (the train ranks) or all (1..R)", "str")
     lora_kwargs: dict = key({}, "further peft.LoraConfig fields, e.g. {layers_to_transform: [0, 1]}", "dict")
+    p_normalize: bool = key(False, "weights λ_r = 1/|S| (Appendix B) instead of Algorithm 1's λ_r = 1", "bool")
+    weights: list[float] | None = key(None, "λ_r per train rank, e.g. 0.4,0.3,0.2,0.1 (default: see p_normalize)",
+                                      "floats?")
+    inference: str = key("paper", "what rank k means: paper (s_k·A_k B_k) or prefix (the trained function "
+                         "truncated to k, so rank R is the training forward; matryoshka and lora only)", "str")
+    sandwich_n: int = key(2, "sandwich: ranks sampled between the smallest and the largest each step", "int")
     # optimisation
     learning_rate: float = key(1e-3, "peak learning rate of AdamW", "float")
     lr_scheduler_type: str = key("linear", "learning-rate schedule (Trainer names: linear, cosine, constant, "
@@ -100,13 +108,17 @@ class TrainConfig:
     overwrite: bool = key(False, "replace a run already in output_dir", "bool")
     resume: bool = key(False, "continue the run in output_dir from its latest checkpoint", "bool")
 
+    def _matryoshka_values(self) -> dict:
+        from .config import MatryoshkaConfig
+
+        values = {f.name: getattr(self, f.name) for f in dataclasses.fields(MatryoshkaConfig)}
+        values["lora_kwargs"] = dict(values["lora_kwargs"])
+        return values
+
     def matryoshka_config(self):
         from .config import MatryoshkaConfig
 
-        return MatryoshkaConfig(rank=self.rank, train_ranks=self.train_ranks, scaling=self.scaling,
-                                method=self.method, target_modules=self.target_modules,
-                                lora_dropout=self.lora_dropout, init=self.init, dylora_ranks=self.dylora_ranks,
-                                lora_kwargs=dict(self.lora_kwargs))
+        return MatryoshkaConfig(**self._matryoshka_values())
 
     def problems(self) -> list[str]:
         """Every problem with the values (types are checked when the config is built)."""
@@ -116,9 +128,7 @@ class TrainConfig:
         out = []
         try:
             m = MatryoshkaConfig.__new__(MatryoshkaConfig)
-            m.__dict__.update(rank=self.rank, train_ranks=self.train_ranks, scaling=self.scaling, method=self.method,
-                              target_modules=self.target_modules, lora_dropout=self.lora_dropout, init=self.init,
-                              dylora_ranks=self.dylora_ranks, lora_kwargs=self.lora_kwargs)
+            m.__dict__.update(self._matryoshka_values())
             out += m.problems()
         except Exception as e:  # a type the checks did not expect
             out.append(str(e))
@@ -229,6 +239,17 @@ def coerce(name: str, value, from_cli: bool = False):
         if isinstance(value, str) and value.lower() in ("true", "yes", "1", "false", "no", "0"):
             value = value.lower() in ("true", "yes", "1")
         return (value, None) if isinstance(value, bool) else (None, bad + "give true or false")
+    if kind == "floats?":
+        if from_cli and isinstance(raw, str) and "," in raw:
+            value = [v.strip() for v in raw.split(",") if v.strip()]
+        if value is None or (isinstance(value, str) and value.lower() in ("none", "null", "default")):
+            return None, None
+        if isinstance(value, (int, float, str)) and not isinstance(value, bool):
+            value = [value]
+        try:
+            return [float(v) for v in value if not isinstance(v, bool)], None
+        except (TypeError, ValueError):
+            return None, bad + "give a list of numbers such as 0.4,0.3,0.2,0.1"
     if kind == "ranks":
         if value is None or (isinstance(value, str) and value.lower() in ("none", "null", "default")):
             return None, None
@@ -485,7 +506,9 @@ def _trainer_classes():
     from transformers import Trainer, TrainerCallback
     from transformers.trainer_callback import ProgressCallback
 
-    from .model import sample_rank
+    from .config import STACKED_METHODS
+    from .model import matryoshka_state, sample_rank
+    from .objectives import multi_rank_loss
 
     class RankCallback(TrainerCallback):
         """DyLoRA: one rank per optimizer step from a seeded generator; replays past draws on resume."""
@@ -525,6 +548,14 @@ def _trainer_classes():
             self.run_dir = run_dir
             self.rank_callback = rank_callback
             self._last_log = None  # (time, tokens seen) at the previous log
+
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            """Stacked methods: the multi-rank loss in one pass; the others: the model's own loss."""
+            if matryoshka_state(model).config.method not in STACKED_METHODS:
+                return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+            loss = multi_rank_loss(model, inputs["input_ids"], inputs["labels"], inputs.get("attention_mask"),
+                                   num_items_in_batch=num_items_in_batch if self.model_accepts_loss_kwargs else None)
+            return (loss, None) if return_outputs else loss
 
         def training_step(self, *args, **kwargs):
             if self._last_log is None:  # first step of this session (after a resume, the restored count)
