@@ -40,11 +40,14 @@ def main(argv=None) -> int:
 
 def run_guarded(fn, argv, prog: str) -> int:
     """Run a command; user errors become one stderr line and exit code 2."""
-    from .errors import UserError
     from .adapter_io import AdapterFileError
+    from .errors import TrainingStopped, UserError
 
     try:
         return int(fn(argv) or 0)
+    except TrainingStopped as e:
+        print(f"{prog}: {e}", file=sys.stderr)
+        return e.code
     except (UserError, AdapterFileError, FileNotFoundError) as e:
         print(f"{prog}: error: {e}", file=sys.stderr)
         return 2

@@ -103,6 +103,8 @@ class TrainConfig:
                                  "str?")
     logging_steps: int = key(10, "log loss, learning rate, rank and tokens/s every N steps", "int")
     save_steps: int = key(100, "write a resumable checkpoint every N steps (0: only the final adapter)", "int")
+    max_bad_steps: int = key(5, "stop after N consecutive optimizer steps with a non-finite loss or gradient "
+                             "(each such step is skipped and counted)", "int")
     save_total_limit: int | None = key(2, "keep at most N checkpoints (none: keep all)", "int?")
     report_to: str = key("none", "where else to log: none, tensorboard, wandb, all (comma-separated)", "str")
     overwrite: bool = key(False, "replace a run already in output_dir", "bool")
@@ -132,7 +134,7 @@ class TrainConfig:
             out += m.problems()
         except Exception as e:  # a type the checks did not expect
             out.append(str(e))
-        positive = ("max_length", "batch_size", "gradient_accumulation_steps", "logging_steps")
+        positive = ("max_length", "batch_size", "gradient_accumulation_steps", "logging_steps", "max_bad_steps")
         out += [f"{k}={getattr(self, k)!r} is not valid; give an integer >= 1" for k in positive
                 if getattr(self, k) < 1]
         if self.max_length == 1:
@@ -543,11 +545,41 @@ def _trainer_classes():
     class MatryoshkaTrainer(Trainer):
         """The Trainer, adding rank and tokens/s to every log and writing train_log.jsonl."""
 
-        def __init__(self, *args, run_dir=None, rank_callback=None, **kwargs):
+        def __init__(self, *args, run_dir=None, rank_callback=None, max_bad_steps=5, **kwargs):
             super().__init__(*args, **kwargs)
             self.run_dir = run_dir
             self.rank_callback = rank_callback
             self._last_log = None  # (time, tokens seen) at the previous log
+            self.max_bad_steps = max_bad_steps
+            self.bad_in_step = False  # a non-finite loss or gradient since the last optimizer step
+            self.skipped_steps = 0
+            self.bad_streak = 0
+            self.diverged = False
+
+        def create_optimizer(self, *args, **kwargs):
+            """Wrap ``step`` so that an optimizer step with a non-finite loss or gradient is skipped."""
+            optimizer = super().create_optimizer(*args, **kwargs)
+            step = optimizer.step
+
+            def guarded_step(*a, **k):
+                bad = self.bad_in_step or any(p.grad is not None and not torch.isfinite(p.grad).all()
+                                              for group in optimizer.param_groups for p in group["params"])
+                self.bad_in_step = False
+                if not bad:
+                    self.bad_streak = 0
+                    return step(*a, **k)
+                optimizer.zero_grad(set_to_none=True)
+                self.skipped_steps += 1
+                self.bad_streak += 1
+                print(f"\nstep {self.state.global_step + 1}: non-finite loss or gradient, step skipped "
+                      f"({self.bad_streak} in a row, {self.skipped_steps} in all)", flush=True)
+                if self.bad_streak >= self.max_bad_steps:
+                    self.diverged = True
+                    self.control.should_training_stop = True
+                return None
+
+            optimizer.step = guarded_step
+            return optimizer
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             """Stacked methods: the multi-rank loss in one pass; the others: the model's own loss."""
@@ -560,7 +592,19 @@ def _trainer_classes():
         def training_step(self, *args, **kwargs):
             if self._last_log is None:  # first step of this session (after a resume, the restored count)
                 self._last_log = (time.perf_counter(), self.state.num_input_tokens_seen)
-            return super().training_step(*args, **kwargs)
+            loss = super().training_step(*args, **kwargs)
+            if not torch.isfinite(loss).all():
+                self.bad_in_step = True
+                loss = torch.zeros_like(loss)  # keep the logged mean finite; the step is skipped
+            return loss
+
+        def _save_checkpoint(self, model, trial):
+            if self.diverged or self.bad_streak:  # only good steps get checkpoints: save_total_limit must never
+                return                               # rotate the last good one out for a bad one
+            super()._save_checkpoint(model, trial)
+            if self.args.should_save:  # marks the checkpoint complete: --resume ignores unmarked ones
+                folder = os.path.join(self.args.output_dir, f"checkpoint-{self.state.global_step}")
+                write_json(os.path.join(folder, CHECKPOINT_DONE), {"step": self.state.global_step})
 
         def log(self, logs, start_time=None):
             if "loss" in logs and self._last_log is not None:
@@ -583,13 +627,36 @@ def _trainer_classes():
                     cb.ranks = []
             super().log(logs, start_time)
 
-        def _save_checkpoint(self, model, trial):
-            super()._save_checkpoint(model, trial)
-            if self.args.should_save:  # marks the checkpoint complete: --resume ignores unmarked ones
-                folder = os.path.join(self.args.output_dir, f"checkpoint-{self.state.global_step}")
-                write_json(os.path.join(folder, CHECKPOINT_DONE), {"step": self.state.global_step})
+    class SignalCallback(TrainerCallback):
+        """First SIGINT/SIGTERM: finish the step, save a checkpoint, stop. Second: exit at once."""
 
-    return MatryoshkaTrainer, RankCallback, BarCallback, ProgressCallback
+        def __init__(self):
+            self.signum = None
+
+        def install(self):
+            import signal
+
+            self.previous = {sig: signal.signal(sig, self.handle) for sig in (signal.SIGINT, signal.SIGTERM)}
+
+        def uninstall(self):
+            import signal
+
+            for sig, handler in self.previous.items():
+                signal.signal(sig, handler)
+
+        def handle(self, signum, frame):
+            if self.signum is not None:
+                os._exit(128 + signum)
+            self.signum = signum
+            print("\nstopping: finishing this step and saving a checkpoint (signal again to exit at once)",
+                  file=sys.stderr, flush=True)
+
+        def on_step_end(self, args, state, control, **kwargs):
+            if self.signum is not None:
+                control.should_save = True
+                control.should_training_stop = True
+
+    return MatryoshkaTrainer, RankCallback, BarCallback, ProgressCallback, SignalCallback
 
 
 def _plain(d: dict) -> dict:
@@ -662,16 +729,22 @@ def train(config: TrainConfig) -> str:
                         resume=False, overwrite=False)
         write_yaml(os.path.join(run_dir, TRAIN_CONFIG_NAME), resolved)
 
-    MatryoshkaTrainer, RankCallback, BarCallback, ProgressCallback = _trainer_classes()
+    MatryoshkaTrainer, RankCallback, BarCallback, ProgressCallback, SignalCallback = _trainer_classes()
+    signals = SignalCallback()
     trainer = MatryoshkaTrainer(
         model=model, args=args, train_dataset=features,
-        data_collator=Collator(tokenizer.pad_token_id), run_dir=run_dir,
-        rank_callback=(rank_cb := RankCallback(config.seed)), callbacks=[rank_cb])
+        data_collator=Collator(tokenizer.pad_token_id), run_dir=run_dir, max_bad_steps=config.max_bad_steps,
+        rank_callback=(rank_cb := RankCallback(config.seed)), callbacks=[rank_cb, signals])
     trainer.remove_callback(ProgressCallback)
     trainer.add_callback(BarCallback())
     if checkpoint:
         print(f"resuming from {checkpoint}", flush=True)
-    result = trainer.train(resume_from_checkpoint=checkpoint)
+    signals.install()
+    try:
+        result = trainer.train(resume_from_checkpoint=checkpoint)
+    finally:
+        signals.uninstall()
+    _stop_early(trainer, signals.signum, run_dir, config)
 
     if trainer.is_world_process_zero():
         files = save_final(trainer.model, tokenizer, run_dir)
@@ -688,6 +761,26 @@ def train(config: TrainConfig) -> str:
         write_json(os.path.join(run_dir, COMPLETE_NAME), summary)
         print_summary(summary, run_dir)
     return run_dir
+
+
+def _stop_early(trainer, signum, run_dir: str, config: TrainConfig) -> None:
+    """Raise TrainingStopped (exit 130/143 for a signal, 1 for divergence); the run stays resumable."""
+    from .errors import TrainingStopped
+
+    resume = f"matryoshka-lora train --resume --output_dir {config.output_dir}"
+    last = latest_checkpoint(run_dir)
+    if trainer.diverged:
+        kept = f"the last good checkpoint is {last}" if last else "no checkpoint was written before"
+        raise TrainingStopped(
+            f"stopped at step {trainer.state.global_step}: {trainer.max_bad_steps} optimizer steps in a row had a "
+            f"non-finite loss or gradient ({trainer.skipped_steps} skipped in all); {kept}. Lower learning_rate "
+            f"or check the data, then: {resume}", 1)
+    if signum is not None:
+        import signal
+
+        name = signal.Signals(signum).name
+        raise TrainingStopped(f"stopped by {name} after step {trainer.state.global_step}; checkpoint {last}; "
+                              f"continue with: {resume}", 128 + signum)
 
 
 def _training_args(config: TrainConfig, run_dir: str):

@@ -1,0 +1,125 @@
+"""Interrupts (SIGINT/SIGTERM) and the non-finite-loss guard of `matryoshka-lora train`."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from matryoshka_lora import cli
+from matryoshka_lora import train as train_mod
+
+
+@pytest.fixture(scope="module")
+def args(tiny_llama_dir):
+    return ["--model", tiny_llama_dir, "--max_examples", "24", "--batch_size", "4", "--max_length", "96",
+            "--logging_steps", "1", "--learning_rate", "0.01", "--warmup_steps", "0", "--rank", "4",
+            "--method", "dylora", "--max_steps", "4", "--save_steps", "2", "--seed", "11"]
+
+
+def inject(monkeypatch, kill_at=None, sig=signal.SIGINT, nan_steps=()):
+    """Make the Trainer send ``sig`` to this process during step ``kill_at`` and return a NaN loss at
+    ``nan_steps`` (1-based optimizer steps)."""
+    original = train_mod._trainer_classes
+
+    def classes():
+        trainer, *rest = original()
+
+        class Faulty(trainer):
+            def compute_loss(self, model, inputs, *a, **k):
+                loss = super().compute_loss(model, inputs, *a, **k)
+                step = self.state.global_step + 1
+                if step == kill_at:
+                    os.kill(os.getpid(), sig)
+                if step in nan_steps:
+                    loss = loss * float("nan")
+                return loss
+
+        return (Faulty, *rest)
+
+    monkeypatch.setattr(train_mod, "_trainer_classes", classes)
+
+
+def weights(run):
+    return load_file(os.path.join(run, "adapter_model.safetensors"))
+
+
+def log_of(run):
+    with open(os.path.join(run, "train_log.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+@pytest.fixture(scope="module")
+def straight(args, tmp_path_factory):
+    run = str(tmp_path_factory.mktemp("straight") / "run")
+    assert cli.main(["train", *args, "--output_dir", run]) == 0
+    return run
+
+
+@pytest.mark.parametrize("sig,code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_signal_saves_checkpoint_and_resume_matches(args, straight, tmp_path, monkeypatch, capsys, sig, code):
+    run = str(tmp_path / "run")
+    inject(monkeypatch, kill_at=1, sig=sig)
+    assert cli.main(["train", *args, "--output_dir", run]) == code
+    err = capsys.readouterr().err
+    assert f"stopped by {signal.Signals(sig).name} after step 1" in err and "--resume" in err
+    assert "Traceback" not in err
+    assert os.path.isfile(os.path.join(run, "checkpoints", "checkpoint-1", train_mod.CHECKPOINT_DONE))
+    assert not os.path.exists(os.path.join(run, train_mod.COMPLETE_NAME))  # not a finished run
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handlers restored
+    monkeypatch.undo()
+    assert cli.main(["train", *args, "--output_dir", run, "--resume"]) == 0
+    got, want = weights(run), weights(straight)
+    for key in want:
+        torch.testing.assert_close(got[key], want[key], atol=1e-6, rtol=0)
+    assert [e["loss"] for e in log_of(run)] == pytest.approx([e["loss"] for e in log_of(straight)], abs=1e-6)
+    assert [e["rank"] for e in log_of(run)] == [e["rank"] for e in log_of(straight)]
+
+
+def test_second_signal_exits_at_once(args, tmp_path):
+    script = tmp_path / "twice.py"
+    script.write_text(textwrap.dedent(f"""
+        import os, signal, sys
+        sys.path.insert(0, {os.path.dirname(__file__)!r})
+        from matryoshka_lora import cli, train as train_mod
+        original = train_mod._trainer_classes
+        def classes():
+            trainer, *rest = original()
+            class Twice(trainer):
+                def compute_loss(self, *a, **k):
+                    os.kill(os.getpid(), signal.SIGINT)
+                    os.kill(os.getpid(), signal.SIGINT)
+                    return super().compute_loss(*a, **k)
+            return (Twice, *rest)
+        train_mod._trainer_classes = classes
+        sys.exit(cli.main(["train", *{args!r}, "--output_dir", {str(tmp_path / "run")!r}]))
+    """))
+    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 130, proc.stderr[-2000:]
+    assert not os.path.isdir(os.path.join(tmp_path, "run", "checkpoints", "checkpoint-1"))
+
+
+def test_transient_nan_step_is_skipped(args, tmp_path, monkeypatch, capsys):
+    run = str(tmp_path / "run")
+    inject(monkeypatch, nan_steps={2})
+    assert cli.main(["train", *args, "--output_dir", run]) == 0
+    out = capsys.readouterr().out
+    assert "step 2: non-finite loss or gradient, step skipped (1 in a row, 1 in all)" in out
+    assert all(torch.isfinite(t).all() for t in weights(run).values())
+
+
+def test_persistent_nan_stops_and_keeps_last_good_checkpoint(args, tmp_path, monkeypatch, capsys):
+    run = str(tmp_path / "run")
+    inject(monkeypatch, nan_steps={3, 4})
+    code = cli.main(["train", *args, "--output_dir", run, "--max_bad_steps", "2", "--save_steps", "1"])
+    err = capsys.readouterr().err
+    assert code == 1 and "2 optimizer steps in a row had a non-finite loss" in err and "Traceback" not in err
+    assert "checkpoint-2" in err
+    assert train_mod.latest_checkpoint(run).endswith("checkpoint-2")
+    assert not os.path.exists(os.path.join(run, train_mod.COMPLETE_NAME))
+    good = load_file(os.path.join(run, "checkpoints", "checkpoint-2", "adapter_model.safetensors"))
+    assert all(torch.isfinite(t).all() for t in good.values())
