@@ -139,27 +139,11 @@ def markdown(summary: dict) -> str:
 
 def plot(summary: dict, path: str) -> None:
     """Every method's mean curve vs rank on a log2 axis, the pretrained level as a dashed line."""
-    import matplotlib
+    from .evaluate import plot_rank_curves
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    ranks = summary["ranks"]
-    fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
-    for m, e in summary["methods"].items():
-        ax.plot(ranks, e["per_rank"], "o-", label=f"{m} (AURAC {100 * e['aurac']:.1f})")
-    ax.axhline(summary["pretrained"], color="gray", linestyle="--", label="pretrained")
-    ax.set_xscale("log", base=2)
-    ax.set_xticks(ranks, [str(k) for k in ranks])
-    ax.set_xlabel("rank")
-    ax.set_ylabel(summary["metric"])
-    ax.set_title(f"{summary['task']}: mean over seeds {', '.join(map(str, summary['seeds']))}", fontsize=9)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    tmp = path + ".tmp.png"
-    fig.savefig(tmp)
-    plt.close(fig)
-    os.replace(tmp, path)
+    curves = {f"{m} (AURAC {100 * e['aurac']:.1f})": e["per_rank"] for m, e in summary["methods"].items()}
+    title = f"{summary['task']}: mean over seeds {', '.join(map(str, summary['seeds']))}"
+    plot_rank_curves(curves, summary["ranks"], summary["pretrained"], summary["metric"], title, path)
 
 
 def write_summary(summary: dict, output_dir: str) -> dict:

@@ -443,22 +443,22 @@ def markdown_table(result: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def plot_curve(result: dict, path: str) -> None:
-    """Value vs rank on a log2 axis, the base model as a dashed line."""
+def plot_rank_curves(curves: dict, ranks, pretrained: float, metric: str, title: str, path: str) -> None:
+    """One line per label in ``curves`` ({label: values per rank}) on a log2 rank axis, the base model as a
+    dashed line; written atomically to ``path``."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    ranks = result["ranks"]
-    fig, ax = plt.subplots(figsize=(5, 3.5), dpi=120)
-    ax.plot(ranks, [r["value"] for r in result["per_rank"]], "o-", label=f"{result['method']} (R={result['max_rank']})")
-    ax.axhline(result["pretrained"], color="gray", linestyle="--", label="pretrained")
+    fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
+    for label, values in curves.items():
+        ax.plot(ranks, values, "o-", label=label)
+    ax.axhline(pretrained, color="gray", linestyle="--", label="pretrained")
     ax.set_xscale("log", base=2)
     ax.set_xticks(ranks, [str(k) for k in ranks])
     ax.set_xlabel("rank")
-    ax.set_ylabel(result["metric"])
-    title = f"{result['task']}  AURAC {result['aurac']:.3f}"
+    ax.set_ylabel(metric)
     ax.set_title(title, fontsize=9)
     ax.legend(fontsize=8)
     fig.tight_layout()
@@ -466,6 +466,13 @@ def plot_curve(result: dict, path: str) -> None:
     fig.savefig(tmp)
     plt.close(fig)
     os.replace(tmp, path)
+
+
+def plot_curve(result: dict, path: str) -> None:
+    """The run's value vs rank."""
+    label = f"{result['method']} (R={result['max_rank']})"
+    plot_rank_curves({label: [r["value"] for r in result["per_rank"]]}, result["ranks"], result["pretrained"],
+                     result["metric"], f"{result['task']}  AURAC {result['aurac']:.3f}", path)
 
 
 def write_outputs(result: dict, output_dir: str) -> None:

@@ -207,19 +207,12 @@ def read_train_config(run_dir: str) -> dict:
     Raises:
         UserError: the file is missing or unreadable.
     """
-    import yaml
+    from .train import read_yaml
 
     path = os.path.join(run_dir, TRAIN_CONFIG_NAME)
     if not os.path.isfile(path):
         raise UserError(f"{path} not found: {run_dir} is not a matryoshka-lora training run")
-    try:
-        with open(path) as f:
-            config = yaml.safe_load(f)
-    except yaml.YAMLError as e:
-        raise UserError(f"{path} is not valid YAML: {str(e).splitlines()[0]}") from None
-    if not isinstance(config, dict):
-        raise UserError(f"{path} does not hold a mapping of config keys")
-    return config
+    return read_yaml(path)
 
 
 def load_run(run_dir: str, dtype: str = "float32", device=None):

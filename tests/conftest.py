@@ -32,6 +32,15 @@ def tiny_model(kind: str = "llama", vocab_size: int = 128, seed: int = 0):
     return AutoModelForCausalLM.from_config(tiny_config(kind, vocab_size)).eval()
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny matmuls run faster on one thread; two OpenMP threads on a busy 2-core runner can stall for seconds."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="session")
 def smol_tokenizer_dir(tmp_path_factory):
     """The SmolLM2-135M-Instruct tokenizer saved as a normal folder (read from the GGUF once per session)."""

@@ -13,6 +13,9 @@ from matryoshka_lora.cli import main as cli_main
 from matryoshka_lora.evaluate import evaluate_run, log_aurac_allowed, markdown_table
 from matryoshka_lora.ranks import aurac, log_aurac
 
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 GSM_ROWS = [
     ("Tom has 3 apples and buys 4 more. How many apples does he have?", "He has 3 + 4 = 7 apples.\n#### 7"),
     ("A pen costs 2 dollars. How much do 5 pens cost?", "They cost 5 * 2 = 10 dollars.\n#### 10"),
@@ -59,13 +62,6 @@ def gsm_dir(tmp_path_factory):
     return str(d)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny matmuls run faster on one thread; two OpenMP threads on a busy 2-core runner can stall for seconds."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 FAST = ["--max_new_tokens", "6", "--batch_size", "2", "--no_progress"]

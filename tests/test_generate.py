@@ -8,18 +8,14 @@ from matryoshka_lora import MatryoshkaConfig, get_matryoshka_model, use_rank
 from matryoshka_lora.generate import (PRETRAINED, encode_pair, generate_at_ranks, pad_left, rank_passes,
                                       score_at_ranks)
 
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 RANKS = [PRETRAINED, 1, 2, 4, 8]
 PROMPTS = [f"Question: Tom has {i} apples and buys {2 * i + 1} more. How many?\nAnswer:" + " Let us see." * (i % 3)
            for i in range(7)]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny matmuls run faster on one thread; two OpenMP threads on a busy 2-core runner can stall for seconds."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")

@@ -11,6 +11,9 @@ pytest.importorskip("lm_eval")
 from matryoshka_lora.cli import main as cli_main  # noqa: E402
 from matryoshka_lora.evaluate import evaluate_run  # noqa: E402
 
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 MC_ROWS = [{"query": "The color of the sky is", "choices": ["blue", "green", "a banana"], "label": 0},
            {"query": "Two plus two is", "choices": ["three", "four"], "label": 1},
            {"query": "Cats say", "choices": ["woof", "meow", "moo"], "label": 1},
@@ -74,12 +77,6 @@ filter_list:
 """
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")
