@@ -123,3 +123,18 @@ def test_persistent_nan_stops_and_keeps_last_good_checkpoint(args, tmp_path, mon
     assert not os.path.exists(os.path.join(run, train_mod.COMPLETE_NAME))
     good = load_file(os.path.join(run, "checkpoints", "checkpoint-2", "adapter_model.safetensors"))
     assert all(torch.isfinite(t).all() for t in good.values())
+
+
+def test_resume_ignores_a_partial_checkpoint(straight, tmp_path):
+    """A save that died halfway (no completion marker) is never picked by --resume."""
+    import shutil
+
+    run = str(tmp_path / "run")
+    shutil.copytree(straight, run)
+    newest = train_mod.latest_checkpoint(run)
+    partial = os.path.join(run, "checkpoints", "checkpoint-99")
+    shutil.copytree(newest, partial)
+    os.remove(os.path.join(partial, train_mod.CHECKPOINT_DONE))
+    with open(os.path.join(partial, "adapter_model.safetensors"), "wb") as f:
+        f.write(b"half")
+    assert train_mod.latest_checkpoint(run) == newest
