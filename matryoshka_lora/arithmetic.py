@@ -7,6 +7,8 @@ hash of its text, so the splits are disjoint whatever the seeds and sizes.
 import hashlib
 import random
 
+from .errors import InvalidInput
+
 SPLITS = ("train", "test")
 TEST_FRACTION = 0.2  # of the question space; the hash decides, so no question is in both splits
 
@@ -96,9 +98,9 @@ def make_split(split: str = "train", n: int = 1000, seed: int = 0) -> list[dict]
         ValueError: unknown split or n < 1.
     """
     if split not in SPLITS:
-        raise ValueError(f"split={split!r} is not valid for arithmetic; choose one of {', '.join(SPLITS)}")
+        raise InvalidInput(f"split={split!r} is not valid for arithmetic; choose one of {', '.join(SPLITS)}")
     if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-        raise ValueError(f"n={n!r} is not valid; ask for at least one problem")
+        raise InvalidInput(f"n={n!r} is not valid; ask for at least one problem")
     rng = random.Random(f"arithmetic-{split}-{seed}")
     out, seen = [], set()
     for _ in range(200 * n):
@@ -109,7 +111,7 @@ def make_split(split: str = "train", n: int = 1000, seed: int = 0) -> list[dict]
         out.append(p)
         if len(out) == n:
             return out
-    raise ValueError(f"could not draw {n} distinct arithmetic problems; ask for fewer")
+    raise InvalidInput(f"could not draw {n} distinct arithmetic problems; ask for fewer")
 
 
 def answer_number(answer: str) -> int:

@@ -41,17 +41,14 @@ def main(argv=None) -> int:
 def run_guarded(fn, argv, prog: str) -> int:
     """Run a command; user errors become one stderr line and exit code 2."""
     from .adapter_io import AdapterFileError
-    from .errors import TrainingStopped, UserError
+    from .errors import InvalidInput, TrainingStopped, UserError
 
     try:
         return int(fn(argv) or 0)
     except TrainingStopped as e:
         print(f"{prog}: {e}", file=sys.stderr)
         return e.code
-    except (UserError, AdapterFileError, FileNotFoundError) as e:
-        print(f"{prog}: error: {e}", file=sys.stderr)
-        return 2
-    except ValueError as e:  # config validation from the library
+    except (UserError, InvalidInput, AdapterFileError, FileNotFoundError) as e:
         print(f"{prog}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

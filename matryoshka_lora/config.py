@@ -5,6 +5,7 @@ import os
 from dataclasses import dataclass, field
 
 from .ranks import SCALINGS, check_train_ranks, default_train_ranks, p_vector, rank_scale
+from .errors import InvalidInput
 
 METHODS = ("matryoshka", "dylora", "lora", "matryoshka-exact", "sandwich")
 STACKED_METHODS = ("matryoshka-exact", "sandwich")  # several ranks per step, batch stacked across them
@@ -69,7 +70,7 @@ class MatryoshkaConfig:
             self.train_ranks = list(self.train_ranks)
         problems = self.problems()
         if problems:
-            raise ValueError("invalid MatryoshkaConfig: " + "; ".join(problems))
+            raise InvalidInput("invalid MatryoshkaConfig: " + "; ".join(problems))
         if self.train_ranks is None:
             self.train_ranks = default_train_ranks(self.rank)
         if self.weights is not None:  # keep λ_r paired with its rank while sorting
@@ -153,7 +154,7 @@ class MatryoshkaConfig:
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - names)
         if unknown:
-            raise ValueError(f"unknown MatryoshkaConfig keys {unknown}; valid keys: {', '.join(sorted(names))}")
+            raise InvalidInput(f"unknown MatryoshkaConfig keys {unknown}; valid keys: {', '.join(sorted(names))}")
         return cls(**d)
 
     def save(self, directory: str) -> str:
@@ -173,7 +174,7 @@ class MatryoshkaConfig:
         except FileNotFoundError:
             raise FileNotFoundError(f"{path} not found: not a matryoshka-lora adapter folder") from None
         except json.JSONDecodeError as e:
-            raise ValueError(f"{path} is not valid JSON ({e}); the file is corrupt or truncated") from None
+            raise InvalidInput(f"{path} is not valid JSON ({e}); the file is corrupt or truncated") from None
         if not isinstance(d, dict):
-            raise ValueError(f"{path} does not hold a JSON object")
+            raise InvalidInput(f"{path} does not hold a JSON object")
         return cls.from_dict(d)

@@ -11,3 +11,11 @@ class TrainingStopped(Exception):
     def __init__(self, message: str, code: int):
         super().__init__(message)
         self.code = code
+
+
+class InvalidInput(ValueError):
+    """A value outside what is valid (a rank, a config field, a layer pattern), raised by the library.
+
+    A ``ValueError``, so library users catch it as usual; the command line prints it as one line (exit 2),
+    while any other ``ValueError`` is a bug and keeps its traceback.
+    """

@@ -27,6 +27,7 @@ from transformers import GenerationConfig, StoppingCriteria, StoppingCriteriaLis
 
 from .extract import truncate_at_stop
 from .model import use_rank
+from .errors import InvalidInput
 
 PRETRAINED = 0  # the rank that means "base model, adapter off"
 
@@ -230,7 +231,7 @@ def score_at_ranks(model, tokenizer, pairs: list[tuple[str, str]], ranks, batch_
     for context, continuation in pairs:
         c, t = encode_pair(tokenizer, context, continuation)
         if not t:
-            raise ValueError(f"continuation {continuation!r} after context {context[-40:]!r} has no tokens")
+            raise InvalidInput(f"continuation {continuation!r} after context {context[-40:]!r} has no tokens")
         if max_length is not None and len(c) + len(t) > max_length + 1:
             c = c[max(0, len(c) + len(t) - max_length - 1):]
         if not c:  # lm-eval scores a bare continuation after the EOS/BOS prefix token

@@ -29,6 +29,7 @@ from peft.utils import transpose
 
 from .config import CONFIG_NAME, MatryoshkaConfig
 from .ranks import batch_gate, check_inference_rank, rank_gate
+from .errors import InvalidInput
 
 GATE = "matryoshka_gate"
 
@@ -61,13 +62,13 @@ def get_matryoshka_model(model, config: MatryoshkaConfig, adapter_name: str = "d
             module cannot honour the gate (embeddings, convolutions, DoRA).
     """
     if isinstance(model, PeftModel):
-        raise ValueError("the model is already a PeftModel; pass the base transformers model")
+        raise InvalidInput("the model is already a PeftModel; pass the base transformers model")
     lora_config = _lora_config(model, config)
     try:
         peft_model = get_peft_model(model, lora_config, adapter_name=adapter_name)
     except ValueError as e:
         if "not found in the base model" in str(e) or "Target modules" in str(e):
-            raise ValueError(
+            raise InvalidInput(
                 f"target_modules={config.target_modules!r} matched no module of {type(model).__name__}; "
                 f"its linear layers are named: {', '.join(linear_names(model))} (or use 'all-linear')"
             ) from None
@@ -105,7 +106,7 @@ def _attach(peft_model, config: MatryoshkaConfig, adapter_name: str) -> Matryosh
         short = name[len(prefix):] if name.startswith(prefix) else name
         lora_B = module.lora_B[adapter_name] if adapter_name in module.lora_B else None
         if not isinstance(lora_B, torch.nn.Linear) or adapter_name in getattr(module, "lora_variant", {}):
-            raise ValueError(
+            raise InvalidInput(
                 f"module {short!r} ({type(module).__name__}) cannot honour the matryoshka gate; "
                 "target only linear layers, without DoRA or other LoRA variants"
             )
@@ -115,7 +116,7 @@ def _attach(peft_model, config: MatryoshkaConfig, adapter_name: str) -> Matryosh
         module._matryoshka_state = state
         state.layers[short] = module
     if not state.layers:
-        raise ValueError(f"target_modules={config.target_modules!r} adapted no layer")
+        raise InvalidInput(f"target_modules={config.target_modules!r} adapted no layer")
     peft_model.matryoshka = state
     peft_model.save_pretrained = types.MethodType(_save_pretrained, peft_model)
     _apply(state)
@@ -127,7 +128,7 @@ def _gate_hook(lora_B, args):
     g = getattr(lora_B, GATE)
     if g.dim() == 2:  # per-example gates (B, R)
         if h.dim() < 2 or h.shape[0] != g.shape[0]:
-            raise ValueError(
+            raise InvalidInput(
                 f"per-example ranks were set for a batch of {g.shape[0]} but the layer got input of shape "
                 f"{tuple(h.shape)}; call set_rank with one rank per example of this batch"
             )
@@ -140,7 +141,7 @@ def _gated_delta_weight(layer, adapter):
     state = layer._matryoshka_state
     gate = getattr(layer.lora_B[adapter], GATE)
     if gate.dim() != 1 or (state.setting is None and state.config.method != "lora"):
-        raise ValueError(
+        raise InvalidInput(
             "cannot merge a matryoshka adapter in training mode or with per-example ranks: the merged weight "
             "would match no inference rank. Call set_rank(model, k) first, or use export_rank(..., merge=True)"
         )
@@ -178,7 +179,7 @@ def matryoshka_state(model) -> MatryoshkaState:
         model = getattr(model, "module", None) or getattr(model, "_orig_mod", None) or model
     state = getattr(model, "matryoshka", None)
     if not isinstance(state, MatryoshkaState):
-        raise ValueError(
+        raise InvalidInput(
             f"{type(model).__name__} is not a matryoshka model; create one with get_matryoshka_model "
             "or load_matryoshka_model"
         )
@@ -200,14 +201,14 @@ def set_rank(model, k) -> None:
     """
     state = matryoshka_state(model)
     if any(getattr(layer, "merged", False) for layer in state.layers.values()):
-        raise ValueError("the adapter is merged into the base weights; unmerge_adapter() before set_rank")
+        raise InvalidInput("the adapter is merged into the base weights; unmerge_adapter() before set_rank")
     R = state.config.rank
     if isinstance(k, dict):
         k = dict(k)
         _layer_ranks(state, k)  # validates
     elif isinstance(k, torch.Tensor):
         if k.dim() != 1 or k.is_floating_point() or k.numel() == 0:
-            raise ValueError(f"per-example ranks must be a non-empty 1-D integer tensor; got shape "
+            raise InvalidInput(f"per-example ranks must be a non-empty 1-D integer tensor; got shape "
                              f"{tuple(k.shape)} and dtype {k.dtype}")
         batch_gate(R, k)  # validates
     elif k is not None:
@@ -284,7 +285,7 @@ def step_objective(model) -> tuple[list[int], list[float]]:
     if c.method == "sandwich":
         ranks = state.step_ranks or sorted({c.train_ranks[0], c.rank})
         return ranks, [1.0 / len(ranks) if c.p_normalize else 1.0] * len(ranks)
-    raise ValueError(f"method {c.method!r} trains one function per step; step_objective is for "
+    raise InvalidInput(f"method {c.method!r} trains one function per step; step_objective is for "
                      "matryoshka-exact and sandwich")
 
 
@@ -296,7 +297,7 @@ def _layer_ranks(state: MatryoshkaState, ranks: dict) -> dict[str, int]:
         try:
             patterns.append((re.compile(pattern), k))
         except (re.error, TypeError) as e:
-            raise ValueError(f"per-layer rank key {pattern!r} is not a valid regex: {e}") from None
+            raise InvalidInput(f"per-layer rank key {pattern!r} is not a valid regex: {e}") from None
         check_inference_rank(R, k)
     out, used = {}, set()
     for name in state.layers:
@@ -310,7 +311,7 @@ def _layer_ranks(state: MatryoshkaState, ranks: dict) -> dict[str, int]:
     unused = [p.pattern for p, _ in patterns if p.pattern not in used]
     if unused:
         example = next(iter(state.layers))
-        raise ValueError(f"per-layer rank patterns {unused} match no adapted layer (names look like {example!r})")
+        raise InvalidInput(f"per-layer rank patterns {unused} match no adapted layer (names look like {example!r})")
     return out
 
 

@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from .model import matryoshka_state, step_objective, use_rank
+from .errors import InvalidInput
 
 
 def multi_rank_losses(model, input_ids, labels, attention_mask=None, ranks=None, weights=None,
@@ -33,7 +34,7 @@ def multi_rank_losses(model, input_ids, labels, attention_mask=None, ranks=None,
     if weights is None:
         weights = [1.0 / len(ranks) if config.p_normalize else 1.0] * len(ranks)
     if len(weights) != len(ranks):
-        raise ValueError(f"{len(weights)} weights for {len(ranks)} ranks; give one weight per rank")
+        raise InvalidInput(f"{len(weights)} weights for {len(ranks)} ranks; give one weight per rank")
     n, B = len(ranks), input_ids.shape[0]
     ids = input_ids.repeat(n, 1)  # (n·B, T), rank-major
     mask = attention_mask.repeat(n, 1) if attention_mask is not None else None

@@ -9,15 +9,17 @@ from collections.abc import Sequence
 
 import torch
 
+from .errors import InvalidInput
+
 SCALINGS = ("none", "rank", "sqrt")
 
 
 def rank_scale(r: int, scaling: str = "none") -> float:
     """The adapter scale s_r of the paper: 1, 1/r or 1/sqrt(r)."""
     if scaling not in SCALINGS:
-        raise ValueError(f"scaling={scaling!r} is not valid; choose one of {', '.join(SCALINGS)}")
+        raise InvalidInput(f"scaling={scaling!r} is not valid; choose one of {', '.join(SCALINGS)}")
     if r < 1:
-        raise ValueError(f"rank {r} is not valid; ranks are integers >= 1")
+        raise InvalidInput(f"rank {r} is not valid; ranks are integers >= 1")
     if scaling == "none":
         return 1.0
     if scaling == "rank":
@@ -36,7 +38,7 @@ def default_train_ranks(rank: int) -> list[int]:
 
 def check_rank(rank) -> None:
     if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
-        raise ValueError(f"rank={rank!r} is not valid; the rank must be an integer >= 1")
+        raise InvalidInput(f"rank={rank!r} is not valid; the rank must be an integer >= 1")
 
 
 def check_train_ranks(rank: int, train_ranks: Sequence[int]) -> list[str]:
@@ -65,11 +67,11 @@ def p_vector(rank: int, train_ranks: Sequence[int], scaling: str = "none", weigh
     check_rank(rank)
     problems = check_train_ranks(rank, train_ranks)
     if problems:
-        raise ValueError("; ".join(problems))
+        raise InvalidInput("; ".join(problems))
     if weights is None:
         weights = [1.0] * len(train_ranks)
     if len(weights) != len(train_ranks):
-        raise ValueError(f"weights has {len(weights)} entries but train_ranks has {len(train_ranks)}")
+        raise InvalidInput(f"weights has {len(weights)} entries but train_ranks has {len(train_ranks)}")
     p = torch.zeros(rank, dtype=torch.float64)
     for r, w in zip(train_ranks, weights):
         p[:r] += w * rank_scale(r, scaling)
@@ -96,7 +98,7 @@ def batch_gate(rank: int, ks: torch.Tensor, scaling: str = "none") -> torch.Tens
 
 def check_inference_rank(rank: int, k) -> None:
     if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= rank:
-        raise ValueError(f"inference rank {k!r} is not valid; choose an integer in 1..{rank}")
+        raise InvalidInput(f"inference rank {k!r} is not valid; choose an integer in 1..{rank}")
 
 
 def _trapezoid(xs: Sequence[float], values: Sequence[float]) -> float:
@@ -106,11 +108,11 @@ def _trapezoid(xs: Sequence[float], values: Sequence[float]) -> float:
 
 def _check_curve(ranks: Sequence[int], values: Sequence[float]) -> None:
     if len(ranks) != len(values) or not ranks:
-        raise ValueError(f"need one value per rank and at least one rank; got {len(ranks)} ranks, {len(values)} values")
+        raise InvalidInput(f"need one value per rank and at least one rank; got {len(ranks)} ranks, {len(values)} values")
     if any(b <= a for a, b in zip(ranks, ranks[1:])):
-        raise ValueError(f"ranks {list(ranks)} must be strictly increasing")
+        raise InvalidInput(f"ranks {list(ranks)} must be strictly increasing")
     if ranks[0] < 1:
-        raise ValueError(f"ranks {list(ranks)} must be >= 1")
+        raise InvalidInput(f"ranks {list(ranks)} must be >= 1")
 
 
 def aurac(ranks: Sequence[int], values: Sequence[float]) -> float:

@@ -16,6 +16,7 @@ import torch
 from safetensors.torch import save_file
 
 from .adapter_io import ADAPTER_CONFIG_NAME, WEIGHTS_NAME, _atomic_dir, _json_ready, _source
+from .errors import InvalidInput
 
 
 def svd_factors(A: torch.Tensor, B: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -46,7 +47,7 @@ def svd_adapter(model_or_dir, out_dir) -> str:
     """
     config, peft_config, weights = _source(model_or_dir)
     if config.method != "lora":
-        raise ValueError(f"lora-svd needs an adapter trained with method 'lora', not {config.method!r}")
+        raise InvalidInput(f"lora-svd needs an adapter trained with method 'lora', not {config.method!r}")
     scale = config.scale_max
     out = {}
     for key, A in weights.items():

@@ -784,6 +784,13 @@ def _stop_early(trainer, signum, run_dir: str, config: TrainConfig) -> None:
 
 
 def _training_args(config: TrainConfig, run_dir: str):
+    try:
+        return _build_training_args(config, run_dir)
+    except ValueError as e:  # transformers' own checks: scheduler, optim, bf16 on this hardware, ...
+        raise UserError(f"invalid config: {str(e).splitlines()[0]}") from None
+
+
+def _build_training_args(config: TrainConfig, run_dir: str):
     import torch
     from transformers import TrainingArguments
 
