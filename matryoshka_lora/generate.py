@@ -161,16 +161,24 @@ def generate_at_ranks(model, tokenizer, prompts: list[str], ranks, batch_size: i
         seqs = [s[-keep:] for s in seqs]
     # longest first, as lm-eval: similar lengths share a batch (less padding) and memory errors come early
     order = sorted(range(len(seqs)), key=lambda i: -len(seqs[i]))
-    out = {k: [None] * len(prompts) for k in ranks}
+    def run(items, group):
+        return _generate_batch(model, tokenizer, items, group, max_new_tokens, stop)
+
+    return _over_passes(seqs, order, ranks, stacked, batch_size, run, "generate", "prompt", progress)
+
+
+def _over_passes(items, order, ranks, stacked, batch_size, run_batch, verb, unit, progress) -> dict:
+    """{rank: [result per item]}: ``run_batch(batch items, group of ranks)`` over every pass and batch."""
+    out = {k: [None] * len(items) for k in ranks}
     passes = rank_passes(ranks, stacked)
-    bar = tqdm(total=len(prompts) * len(passes), desc=f"generate ranks {','.join(map(str, ranks))}",
-               disable=not progress, unit="prompt")
+    bar = tqdm(total=len(items) * len(passes), desc=f"{verb} ranks {','.join(map(str, ranks))}",
+               disable=not progress, unit=unit)
     for group in passes:
         for batch in _batches(order, batch_size):
-            texts = _generate_batch(model, tokenizer, [seqs[i] for i in batch], group, max_new_tokens, stop)
-            for k, block in zip(group, texts):
-                for i, text in zip(batch, block):
-                    out[k][i] = text
+            results = run_batch([items[i] for i in batch], group)
+            for k, block in zip(group, results):
+                for i, r in zip(batch, block):
+                    out[k][i] = r
             bar.update(len(batch))
     bar.close()
     return out
@@ -238,20 +246,11 @@ def score_at_ranks(model, tokenizer, pairs: list[tuple[str, str]], ranks, batch_
             c = [tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id]
         encoded.append((c, t))
     order = sorted(range(len(encoded)), key=lambda i: -len(encoded[i][0]) - len(encoded[i][1]))
-    out = {k: [None] * len(pairs) for k in ranks}
-    passes = rank_passes(ranks, stacked)
-    bar = tqdm(total=len(pairs) * len(passes), desc=f"score ranks {','.join(map(str, ranks))}",
-               disable=not progress, unit="seq")
     pad = pad_id_of(tokenizer)
-    for group in passes:
-        for batch in _batches(order, batch_size):
-            scores = _score_batch(model, [encoded[i] for i in batch], group, pad)
-            for k, block in zip(group, scores):
-                for i, s in zip(batch, block):
-                    out[k][i] = s
-            bar.update(len(batch))
-    bar.close()
-    return out
+    def run(items, group):
+        return _score_batch(model, items, group, pad)
+
+    return _over_passes(encoded, order, ranks, stacked, batch_size, run, "score", "seq", progress)
 
 
 __all__ = ["generate_at_ranks", "score_at_ranks", "rank_passes", "encode_pair", "PRETRAINED"]
