@@ -13,7 +13,7 @@ import statistics
 import time
 
 from .config import METHODS
-from .errors import UserError
+from .errors import ArgumentParser, UserError
 from .evaluate import parse_ranks
 from .ranks import aurac, log_aurac
 
@@ -207,7 +207,7 @@ def compare(config_path: str | None, methods: list[str], seeds: list[int], outpu
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = ArgumentParser(
         prog="matryoshka-lora compare",
         description="Train each method with the same config and seeds, evaluate all at the same ranks, and write "
                     "one side-by-side table (per-rank values, AURAC, log-AURAC, mean over seeds) and one plot. "

@@ -94,8 +94,12 @@ def load_examples(data: str, split: str = "train", limit: int | None = None, tok
 def read_jsonl(path: str, limit: int | None = None) -> list[tuple[int, dict]]:
     """(line number, object) for each non-blank line; malformed lines are reported as ``file:line``."""
     rows = []
-    with open(path, encoding="utf-8") as f:
-        for number, line in enumerate(f, 1):
+    with open(path, "rb") as f:
+        for number, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise UserError(f"{path}:{number}: not UTF-8 text ({e.reason} at byte {e.start})") from None
             if not line.strip():
                 continue
             try:

@@ -8,6 +8,7 @@ import argparse
 import os
 import time
 
+from .errors import ArgumentParser
 from .compare import compare, parse_methods
 
 # Sized for <= 5 minutes on a 2-core CPU (see README for the measured time).
@@ -23,7 +24,7 @@ SEED = 0
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = ArgumentParser(
         prog="matryoshka-lora demo",
         description="Fine-tune the embedded SmolLM2-135M-Instruct on built-in arithmetic problems with "
                     "matryoshka and lora, evaluate every rank, and print the comparison. Offline; about 5 "

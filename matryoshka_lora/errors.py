@@ -1,4 +1,5 @@
 """Errors that are the user's to fix: the command line prints them as one line and exits 2."""
+import argparse
 
 
 class UserError(Exception):
@@ -19,3 +20,10 @@ class InvalidInput(ValueError):
     A ``ValueError``, so library users catch it as usual; the command line prints it as one line (exit 2),
     while any other ``ValueError`` is a bug and keeps its traceback.
     """
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse that reports a bad command line as a UserError: one line, exit 2, instead of the usage dump."""
+
+    def error(self, message):
+        raise UserError(f"{message} (see {self.prog} --help)")

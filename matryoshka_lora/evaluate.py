@@ -28,7 +28,7 @@ import os
 import random
 import time
 
-from .errors import UserError
+from .errors import ArgumentParser, UserError
 from .extract import FEWSHOT_DELIMITER, GSM8K_STOP, exact_match, gsm8k_scores, truncate_at_stop
 from .generate import PRETRAINED, generate_at_ranks, rank_passes, score_at_ranks
 from .ranks import aurac, log_aurac
@@ -505,7 +505,7 @@ def _unescape(text: str) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = ArgumentParser(
         prog="matryoshka-lora eval",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Evaluate a trained run at every rank and at rank 0 (the base model, adapter off): "

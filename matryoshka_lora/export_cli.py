@@ -4,12 +4,12 @@ import os
 
 from .adapter_io import export_rank
 from .config import MatryoshkaConfig
-from .errors import UserError
+from .errors import ArgumentParser, UserError
 from .evaluate import parse_ranks
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = ArgumentParser(
         prog="matryoshka-lora export",
         description="Write chosen ranks of a trained nested adapter as standard PEFT LoRA adapters "
                     "(r == lora_alpha == k, loadable by PeftModel.from_pretrained, vLLM, TGI, lm-eval) "

@@ -24,7 +24,7 @@ import time
 import warnings
 from dataclasses import dataclass, field
 
-from .errors import UserError
+from .errors import ArgumentParser, TrainingStopped, UserError
 
 TRAIN_CONFIG_NAME = "train_config.yaml"
 LOG_NAME = "train_log.jsonl"
@@ -334,7 +334,7 @@ def build_config(file_values: dict, cli_values: dict, source: str = "config") ->
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = ArgumentParser(
         prog="matryoshka-lora train",
         description="Fine-tune a causal LM with a nested-rank LoRA adapter (matryoshka, dylora or lora). "
                     "Values come from CONFIG.yaml, then from --key value overrides.",
@@ -426,7 +426,11 @@ def check_output_dir(config: TrainConfig) -> str | None:
 
     saved = read_train_config(out)
     mine = config.to_dict()
-    differ = sorted(k for k in mine if k not in RESUME_FREE and k in saved and saved[k] != mine[k])
+    if "seed" in saved and saved["seed"] != mine["seed"]:
+        print(f"warning: --resume with seed {mine['seed']} but the run in {out} used seed {saved['seed']}; the "
+              "data order and RNG states come from its checkpoint, new DyLoRA/sandwich draws from the new seed, so "
+              "the result will differ from an uninterrupted run", file=sys.stderr, flush=True)
+    differ = sorted(k for k in mine if k not in RESUME_FREE | {"seed"} and k in saved and saved[k] != mine[k])
     if differ:
         shown = ", ".join(f"{k}: {saved[k]!r} there, {mine[k]!r} now" for k in differ[:4])
         raise UserError(f"--resume: output_dir {out} holds a different run ({shown}); resume with the same "
@@ -437,6 +441,35 @@ def check_output_dir(config: TrainConfig) -> str | None:
         raise UserError(f"--resume: the run in {out} {state} has no complete checkpoint to continue from "
                         f"(save_steps={saved.get('save_steps')}); use --overwrite to train it again")
     return checkpoint
+
+
+def check_disk(run_dir: str, model, config: TrainConfig) -> None:
+    """Fail before training when the output folder cannot be written or its disk cannot hold the checkpoints.
+
+    Raises:
+        UserError: naming the folder, what is needed and what is free.
+    """
+    parent = run_dir
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        raise UserError(f"output_dir {config.output_dir}: {parent} is a file, not a folder")
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".write-test-", dir=parent)
+        os.close(fd)
+        os.remove(probe)
+    except OSError as e:
+        raise UserError(f"output_dir {config.output_dir} cannot be written ({e.strerror}: {parent}); "
+                        "choose another --output_dir") from None
+    # adapter + AdamW moments per checkpoint, kept checkpoints plus the final adapter, and room for the tokenizer
+    adapter_bytes = sum(p.numel() * 4 for p in model.parameters() if p.requires_grad)
+    kept = (config.save_total_limit or 10) if config.save_steps else 0
+    needed = adapter_bytes * 3 * kept + adapter_bytes + (64 << 20)
+    free = shutil.disk_usage(parent).free
+    if free < needed:
+        raise UserError(f"output_dir {config.output_dir}: {free >> 20} MiB free on its disk, the run needs about "
+                        f"{needed >> 20} MiB (adapter, {kept} checkpoints with optimizer state, tokenizer); free "
+                        "space, lower save_total_limit, or choose another --output_dir")
 
 
 def latest_checkpoint(run_dir: str) -> str | None:
@@ -601,7 +634,12 @@ def _trainer_classes():
         def _save_checkpoint(self, model, trial):
             if self.diverged or self.bad_streak:  # only good steps get checkpoints: save_total_limit must never
                 return                               # rotate the last good one out for a bad one
-            super()._save_checkpoint(model, trial)
+            try:
+                super()._save_checkpoint(model, trial)
+            except OSError as e:  # disk full, folder gone: the unmarked partial checkpoint is never resumed from
+                kept = latest_checkpoint(os.path.dirname(self.args.output_dir))
+                raise TrainingStopped(f"could not write the checkpoint of step {self.state.global_step}: {e}; "
+                                      f"the previous checkpoint {kept} is intact", 1) from None
             if self.args.should_save:  # marks the checkpoint complete: --resume ignores unmarked ones
                 folder = os.path.join(self.args.output_dir, f"checkpoint-{self.state.global_step}")
                 write_json(os.path.join(folder, CHECKPOINT_DONE), {"step": self.state.global_step})
@@ -713,6 +751,8 @@ def train(config: TrainConfig) -> str:
     # Everything has loaded: only now touch the output folder.
     import torch
 
+    check_disk(run_dir, model, config)
+
     is_main = int(os.environ.get("RANK", "0")) == 0
     if is_main:
         if config.overwrite and os.path.isdir(run_dir):
@@ -747,7 +787,11 @@ def train(config: TrainConfig) -> str:
     _stop_early(trainer, signals.signum, run_dir, config)
 
     if trainer.is_world_process_zero():
-        files = save_final(trainer.model, tokenizer, run_dir)
+        try:
+            files = save_final(trainer.model, tokenizer, run_dir)
+        except OSError as e:
+            raise TrainingStopped(f"could not write the final adapter to {run_dir}: {e}; the last checkpoint "
+                                  f"{latest_checkpoint(run_dir)} is intact", 1) from None
         session_tokens = trainer.state.num_input_tokens_seen - getattr(trainer, "_initial_num_input_tokens_seen", 0)
         seconds = time.perf_counter() - started
         summary = {
@@ -765,8 +809,6 @@ def train(config: TrainConfig) -> str:
 
 def _stop_early(trainer, signum, run_dir: str, config: TrainConfig) -> None:
     """Raise TrainingStopped (exit 130/143 for a signal, 1 for divergence); the run stays resumable."""
-    from .errors import TrainingStopped
-
     resume = f"matryoshka-lora train --resume --output_dir {config.output_dir}"
     last = latest_checkpoint(run_dir)
     if trainer.diverged:

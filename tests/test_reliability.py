@@ -138,3 +138,14 @@ def test_resume_ignores_a_partial_checkpoint(straight, tmp_path):
     with open(os.path.join(partial, "adapter_model.safetensors"), "wb") as f:
         f.write(b"half")
     assert train_mod.latest_checkpoint(run) == newest
+
+
+def test_resume_with_another_seed_warns(args, straight, tmp_path, monkeypatch, capsys):
+    run = str(tmp_path / "run")
+    inject(monkeypatch, kill_at=1)
+    assert cli.main(["train", *args, "--output_dir", run]) == 130
+    monkeypatch.undo()
+    capsys.readouterr()
+    new_seed = [a if a != "11" else "12" for a in args]
+    assert cli.main(["train", *new_seed, "--output_dir", run, "--resume"]) == 0
+    assert "--resume with seed 12 but the run in" in capsys.readouterr().err
