@@ -136,3 +136,20 @@ def test_failed_checkpoint_write_keeps_the_previous(args, tmp_path, monkeypatch,
     assert "could not write the checkpoint of step 4" in err and "checkpoint-2 is intact" in err
     assert train_mod.latest_checkpoint(run).endswith("checkpoint-2")
     assert not os.path.exists(os.path.join(run, train_mod.COMPLETE_NAME))
+
+
+def test_only_safe_loading():
+    """Weights are safetensors; any torch.load, ours or the Trainer's checkpoint resume, uses weights_only=True."""
+    import inspect
+    import re
+
+    import transformers.trainer
+    import matryoshka_lora
+
+    root = os.path.dirname(matryoshka_lora.__file__)
+    ours = "".join(open(os.path.join(root, f)).read() for f in os.listdir(root) if f.endswith(".py"))
+    trainer = inspect.getsource(transformers.trainer)
+    for source in (ours, trainer):
+        for call in re.findall(r"torch\.load\((.*?)\)\n", source, flags=re.S):
+            assert "weights_only=True" in call, call
+    assert "pickle" not in ours
