@@ -6,7 +6,6 @@ one plot.
 of its ΔW (the best rank-k approximation). It tells whether nested training beats post-hoc truncation.
 """
 import argparse
-import json
 import os
 import shutil
 import statistics
@@ -15,6 +14,7 @@ import time
 from .config import METHODS
 from .errors import ArgumentParser, UserError
 from .evaluate import parse_ranks
+from .files import write_json, write_text
 from .ranks import aurac, log_aurac
 
 SVD = "lora-svd"
@@ -150,10 +150,8 @@ def write_summary(summary: dict, output_dir: str) -> dict:
     os.makedirs(output_dir, exist_ok=True)
     paths = {"json": os.path.join(output_dir, "compare.json"), "md": os.path.join(output_dir, "compare.md"),
              "png": os.path.join(output_dir, "compare.png")}
-    for key, text in (("json", json.dumps(summary, indent=2)), ("md", markdown(summary))):
-        with open(paths[key] + ".tmp", "w") as f:
-            f.write(text)
-        os.replace(paths[key] + ".tmp", paths[key])
+    write_json(paths["json"], summary)
+    write_text(paths["md"], markdown(summary))
     plot(summary, paths["png"])
     return paths
 

@@ -4,8 +4,9 @@ import json
 import os
 from dataclasses import dataclass, field
 
-from .ranks import SCALINGS, check_train_ranks, default_train_ranks, p_vector, rank_scale
 from .errors import InvalidInput
+from .files import write_json
+from .ranks import SCALINGS, check_train_ranks, default_train_ranks, p_vector, rank_scale
 
 METHODS = ("matryoshka", "dylora", "lora", "matryoshka-exact", "sandwich")
 STACKED_METHODS = ("matryoshka-exact", "sandwich")  # several ranks per step, batch stacked across them
@@ -159,10 +160,7 @@ class MatryoshkaConfig:
 
     def save(self, directory: str) -> str:
         path = os.path.join(directory, CONFIG_NAME)
-        tmp = path + ".tmp"
-        with open(tmp, "w") as f:
-            json.dump(self.to_dict(), f, indent=2)
-        os.replace(tmp, path)
+        write_json(path, self.to_dict())
         return path
 
     @classmethod

@@ -30,6 +30,7 @@ import time
 
 from .errors import ArgumentParser, UserError
 from .extract import FEWSHOT_DELIMITER, GSM8K_STOP, exact_match, gsm8k_scores, truncate_at_stop
+from .files import write_json, write_text
 from .generate import PRETRAINED, generate_at_ranks, rank_passes, score_at_ranks
 from .ranks import aurac, log_aurac
 
@@ -214,15 +215,6 @@ def load_done(output_dir: str, k: int, settings_hash: str) -> dict | None:
     return record if record.get("settings_hash") == settings_hash else None
 
 
-def write_json(path: str, obj) -> None:
-    """Write beside ``path`` and rename, so an interruption never leaves a half-written file."""
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1)
-    os.replace(tmp, path)
-
-
 def file_digest(path: str) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -379,7 +371,7 @@ def evaluate_run(run_dir: str, task: str | None = None, ranks=None, shots: int |
                 new = run_group(model, tokenizer, {"kind": kind, "items": items}, group, opts)
             for k, record in new.items():
                 record["settings_hash"] = hashes[k]
-                write_json(rank_file(output_dir, k), record)
+                write_json(rank_file(output_dir, k), record, indent=1)
                 records[k] = record
     result = summarize(task, kind, ranks, records, settings, config, run_dir, stacked)
     result["seconds_total"] = round(time.perf_counter() - started, 3)
@@ -476,11 +468,8 @@ def plot_curve(result: dict, path: str) -> None:
 
 
 def write_outputs(result: dict, output_dir: str) -> None:
-    write_json(os.path.join(output_dir, "eval.json"), result)
-    md = os.path.join(output_dir, "eval.md")
-    with open(md + ".tmp", "w") as f:
-        f.write(markdown_table(result))
-    os.replace(md + ".tmp", md)
+    write_json(os.path.join(output_dir, "eval.json"), result, indent=1)
+    write_text(os.path.join(output_dir, "eval.md"), markdown_table(result))
     plot_curve(result, os.path.join(output_dir, "rank_curve.png"))
 
 

@@ -25,6 +25,7 @@ import warnings
 from dataclasses import dataclass, field
 
 from .errors import ArgumentParser, TrainingStopped, UserError
+from .files import write_json, write_text, write_yaml
 
 TRAIN_CONFIG_NAME = "train_config.yaml"
 LOG_NAME = "train_log.jsonl"
@@ -485,22 +486,6 @@ def latest_checkpoint(run_dir: str) -> str | None:
     return max(done)[1] if done else None
 
 
-def write_yaml(path: str, d: dict) -> None:
-    import yaml
-
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        yaml.safe_dump(d, f, sort_keys=False)
-    os.replace(tmp, path)
-
-
-def write_json(path: str, d: dict) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(d, f, indent=2)
-    os.replace(tmp, path)
-
-
 def trim_log(path: str, last_step: int) -> None:
     """Drop log lines after ``last_step`` (written after the checkpoint a resumed run restarts from)."""
     if not os.path.isfile(path):
@@ -514,9 +499,7 @@ def trim_log(path: str, last_step: int) -> None:
                 kept.append(ln)
         except json.JSONDecodeError:
             continue
-    with open(path + ".tmp", "w") as f:
-        f.writelines(kept)
-    os.replace(path + ".tmp", path)
+    write_text(path, "".join(kept))
 
 
 def save_final(model, tokenizer, run_dir: str) -> list[str]:
