@@ -15,6 +15,10 @@ weights and files stay those of a plain rank-R PEFT LoRA adapter. Which g:
     per-example ranks      g = (B, R): row b is the rank-k_b gate
     matryoshka-exact,      per-example gates over a batch stacked across ranks (``multi_rank_loss``)
     sandwich
+
+Training and evaluation run the same function through ``fused.py`` (one autograd node per layer, computing in
+the activations' dtype); PEFT's forward with the hook is the reference path, kept for dropout, merged or
+disabled adapters and tests (``set_fused(model, False)``).
 """
 import contextlib
 import os
@@ -27,11 +31,12 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from peft.tuners.lora import LoraLayer
 from peft.utils import transpose
 
+from . import fused
 from .config import CONFIG_NAME, MatryoshkaConfig
 from .ranks import batch_gate, check_inference_rank, rank_gate
 from .errors import InvalidInput
 
-GATE = "matryoshka_gate"
+GATE = fused.GATE
 
 
 class MatryoshkaState:
@@ -44,6 +49,7 @@ class MatryoshkaState:
         self.setting = None  # None (training), int, dict or tensor, as given to set_rank
         self.dylora_rank = config.rank  # the rank DyLoRA trains until sample_rank draws one
         self.step_ranks: list[int] | None = None  # the ranks of this step's sandwich loss
+        self.fused = True  # the fused adapter branch (fused.py) where it applies; False: PEFT's forward + hook
 
 
 def get_matryoshka_model(model, config: MatryoshkaConfig, adapter_name: str = "default"):
@@ -113,6 +119,7 @@ def _attach(peft_model, config: MatryoshkaConfig, adapter_name: str) -> Matryosh
         lora_B.register_buffer(GATE, torch.ones(config.rank, device=lora_B.weight.device), persistent=False)
         lora_B.register_forward_pre_hook(_gate_hook)
         module.get_delta_weight = types.MethodType(_gated_delta_weight, module)
+        fused.install(module)
         module._matryoshka_state = state
         state.layers[short] = module
     if not state.layers:
@@ -227,6 +234,14 @@ def use_rank(model, k):
         yield model
     finally:
         set_rank(model, previous)
+
+
+def set_fused(model, enabled: bool) -> None:
+    """Use the fused adapter branch (default, ``matryoshka_lora.fused``) or PEFT's own forward with the gate hook.
+
+    Both compute the same function; the PEFT path is the reference the fused one is tested against.
+    """
+    matryoshka_state(model).fused = bool(enabled)
 
 
 def sample_rank(model, generator: torch.Generator | None = None) -> int | list[int] | None:
