@@ -1,7 +1,8 @@
 """`matryoshka-lora train CONFIG.yaml [--key value ...]`: fine-tune a causal LM with a nested-rank LoRA adapter.
 
 Built on the Hugging Face Trainer, so bf16, gradient accumulation and checkpointing, report_to and
-multi-process launch (``accelerate launch -m matryoshka_lora train ...``) behave as usual.
+multi-process launch (``torchrun``/``accelerate launch -m matryoshka_lora train ...``; FSDP2 and DeepSpeed
+through the ``fsdp`` and ``deepspeed`` keys, see docs/distributed.md) behave as usual.
 
 Run folder:
     adapter_config.json, adapter_model.safetensors, matryoshka_config.json   the final adapter (PEFT format)
@@ -12,6 +13,8 @@ Run folder:
     run_complete.json          written last: a folder without it is an unfinished run
 """
 import argparse
+import contextlib
+import copy
 import dataclasses
 import difflib
 import json
@@ -99,6 +102,14 @@ class TrainConfig:
     gradient_checkpointing: bool = key(False, "recompute activations to save memory (non-reentrant)", "bool")
     use_cpu: bool = key(False, "train on the CPU even when a GPU is present", "bool")
     dataloader_num_workers: int = key(0, "data loader worker processes", "int")
+    # several processes (torchrun / accelerate launch; see docs/distributed.md)
+    fsdp: str = key("", "shard the model over the processes with FSDP2: true (tuned by fsdp_config), or options "
+                    "among full_shard, shard_grad_op, offload, auto_wrap; false: off (DDP)", "fsdp")
+    fsdp_config: dict | str | None = key(None, "FSDP settings (the Trainer's fsdp_config): a mapping such as "
+                                         "{version: 2, cpu_offload: true} or a JSON file", "json?")
+    deepspeed: dict | str | None = key(None, "DeepSpeed config: a JSON file or a mapping (ZeRO-3 needs "
+                                       "stage3_gather_16bit_weights_on_model_save: true); needs pip install "
+                                       "deepspeed", "json?")
     # output
     output_dir: str | None = key(None, "run folder (default: runs/<config name>, or runs/<data>-<method>-r<rank>)",
                                  "str?")
@@ -165,7 +176,7 @@ class TrainConfig:
             out.append("model is empty; give a hub id, a local folder, a .gguf file or smollm2")
         if not self.data:
             out.append("data is empty; give arithmetic, gsm8k, platypus, a .jsonl file or a folder")
-        return out
+        return out + sharding_problems(self)
 
     def validate(self) -> None:
         """Coerce every value to its kind (a config built in Python may hold strings) and check them all.
@@ -189,6 +200,74 @@ class TrainConfig:
 
 
 FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
+
+
+# ---------------------------------------------------------------- FSDP and DeepSpeed settings
+
+FSDP_OPTIONS = ("full_shard", "shard_grad_op", "offload", "auto_wrap")  # those FSDP2 takes (FSDP1 is refused)
+# The fsdp_config keys transformers reads for FSDP2 (TrainingArguments._process_fsdp_args), each also as
+# fsdp_<key>; the FSDP1-only ones (use_orig_params, backward_prefetch, ...) would be ignored, so they are errors.
+FSDP_CONFIG_KEYS = ("version", "reshard_after_forward", "cpu_offload", "activation_checkpointing",
+                    "cpu_ram_efficient_loading", "state_dict_type", "auto_wrap_policy", "transformer_layer_cls_to_wrap",
+                    "min_num_params")
+FSDP1_REFUSED = ("FSDP1 wraps every lora_A and lora_B in its own FSDP module (PEFT's auto-wrap policy), so PEFT's "
+                 "forward misses the rank gates that set_rank and DyLoRA write, and the fused branch reads their "
+                 "still-sharded weights; transformers deprecates FSDP1")
+
+
+def json_setting(name: str, value) -> tuple[dict | None, str | None]:
+    """The mapping of ``fsdp_config`` or ``deepspeed``: given inline, or read from a JSON file.
+
+    Returns:
+        (mapping or None, problem or None); the problem names the key, the value and what is valid.
+    """
+    if value is None or isinstance(value, dict):
+        return value, None
+    bad = f"{name}={value!r} is not valid; "
+    if not os.path.isfile(value):
+        return None, bad + "the file does not exist; give a JSON file or a mapping"
+    try:
+        with open(value) as f:
+            loaded = json.load(f)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        return None, bad + f"not a readable JSON file ({e}); give a JSON file or a mapping"
+    if not isinstance(loaded, dict):
+        return None, bad + f"the file holds a {type(loaded).__name__}, not a JSON object of settings"
+    return loaded, None
+
+
+def sharding_problems(config) -> list[str]:
+    """Problems with fsdp, fsdp_config and deepspeed (files are read here, so a typo fails before loading)."""
+    out = []
+    if config.fsdp and config.fsdp != "true":
+        unknown = [o for o in config.fsdp.split() if o not in FSDP_OPTIONS]
+        if unknown:
+            out.append(f"fsdp={config.fsdp!r} is not valid ({', '.join(map(repr, unknown))} unknown); give true, "
+                       f"false, or options among {', '.join(FSDP_OPTIONS)}, e.g. 'full_shard auto_wrap'")
+    fsdp_config, problem = json_setting("fsdp_config", config.fsdp_config)
+    out += [problem] if problem else []
+    if fsdp_config is not None:
+        names = {str(k)[5:] if str(k).startswith("fsdp_") else str(k): v for k, v in fsdp_config.items()}
+        unknown = [k for k in names if k not in FSDP_CONFIG_KEYS]
+        if unknown:
+            out.append(f"fsdp_config key(s) {', '.join(map(repr, unknown))} not valid; the keys are "
+                       f"{', '.join(FSDP_CONFIG_KEYS)}")
+        if str(names.get("version", 2)) != "2":
+            out.append(f"fsdp_config version={names['version']!r} is not valid; give 2 (FSDP2, the default): "
+                       f"{FSDP1_REFUSED}")
+        if not config.fsdp:
+            out.append("fsdp_config is set but fsdp is off; set fsdp: true, or remove fsdp_config")
+    ds_config, problem = json_setting("deepspeed", config.deepspeed)
+    out += [problem] if problem else []
+    if ds_config is not None:
+        zero = ds_config.get("zero_optimization") or {}
+        if isinstance(zero, dict) and str(zero.get("stage")) == "3" \
+                and zero.get("stage3_gather_16bit_weights_on_model_save") is not True:
+            out.append(f"deepspeed={config.deepspeed!r}: ZeRO-3 needs zero_optimization."
+                       "stage3_gather_16bit_weights_on_model_save: true, or the saved adapter would be empty shards")
+    if config.fsdp and config.deepspeed is not None:
+        out.append("fsdp and deepspeed are both set; choose one")
+    return out
 
 
 # ---------------------------------------------------------------- reading configs: YAML + command line
@@ -275,6 +354,25 @@ def coerce(name: str, value, from_cli: bool = False):
         if isinstance(value, list) and value and all(isinstance(v, str) and v for v in value):
             return value, None
         return None, bad + "give module names (q_proj,v_proj), a regex or all-linear"
+    if kind == "fsdp":  # true/false, or Trainer FSDP options ("full_shard auto_wrap")
+        if value is None or value is False:
+            return "", None
+        if value is True:
+            return "true", None
+        if not isinstance(value, str):
+            return None, bad + "give true, false or FSDP options such as 'full_shard auto_wrap'"
+        words = value.replace(",", " ").lower().split()
+        if words in ([], ["false"], ["no"], ["off"], ["none"], ["0"]):
+            return "", None
+        return ("true" if words in (["true"], ["yes"], ["on"], ["1"]) else " ".join(words)), None
+    if kind == "json?":  # a mapping, or the path of a JSON file (checked by sharding_problems)
+        if value is None or (isinstance(value, str) and value.strip().lower() in ("", "none", "null")):
+            return None, None
+        if isinstance(value, dict):
+            return dict(value), None
+        if isinstance(value, str):
+            return value, None
+        return None, bad + "give a mapping or the path of a JSON file"
     if kind == "dict":
         if from_cli and isinstance(value, str):
             return None, bad + "give a mapping such as {layers_to_transform: [0, 1]}"
@@ -347,9 +445,10 @@ def parser() -> argparse.ArgumentParser:
         default = f.default_factory() if f.default is dataclasses.MISSING else f.default
         shown = "none" if default is None else default
         kind = f.metadata["kind"]
-        if kind == "bool":
-            p.add_argument(f"--{f.name}", nargs="?", const="true", default=argparse.SUPPRESS, metavar="BOOL",
-                           help=f"{f.metadata['help']} (default: {str(shown).lower()})")
+        if kind in ("bool", "fsdp"):  # --flag alone means true
+            p.add_argument(f"--{f.name}", nargs="?", const="true", default=argparse.SUPPRESS,
+                           metavar="BOOL" if kind == "bool" else "BOOL|OPTIONS",
+                           help=f"{f.metadata['help']} (default: {str(shown).lower() or 'false'})")
         else:
             p.add_argument(f"--{f.name}", default=argparse.SUPPRESS, metavar=kind.rstrip("?").upper(),
                            help=f"{f.metadata['help']} (default: {shown})")
@@ -502,11 +601,14 @@ def trim_log(path: str, last_step: int) -> None:
     write_text(path, "".join(kept))
 
 
-def save_final(model, tokenizer, run_dir: str) -> list[str]:
-    """Write the adapter and tokenizer into a temp folder in ``run_dir``, then move each file to the top."""
+def save_final(model, tokenizer, run_dir: str, state_dict: dict | None = None) -> list[str]:
+    """Write the adapter and tokenizer into a temp folder in ``run_dir``, then move each file to the top.
+
+    ``state_dict``: the gathered weights when the processes hold shards (FSDP, ZeRO-3); None reads the model's.
+    """
     tmp = tempfile.mkdtemp(prefix=".final-tmp-", dir=run_dir)
     try:
-        model.save_pretrained(tmp)
+        model.save_pretrained(tmp, **({} if state_dict is None else {"state_dict": state_dict}))
         tokenizer.save_pretrained(tmp)
         names = sorted(os.listdir(tmp))
         for name in names:
@@ -578,9 +680,13 @@ def _trainer_classes():
             step = optimizer.step
 
             def guarded_step(*a, **k):
-                bad = self.bad_in_step or any(p.grad is not None and not torch.isfinite(p.grad).all()
+                bad = self.bad_in_step or any(p.grad is not None and not torch.isfinite(_local(p.grad)).all()
                                               for group in optimizer.param_groups for p in group["params"])
                 self.bad_in_step = False
+                if self.args.world_size > 1:  # FSDP shards gradients, and a loss is per process: every process
+                    flag = torch.tensor([float(bad)], device=self.args.device)  # must skip the same steps
+                    torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+                    bad = bool(flag.item())
                 if not bad:
                     self.bad_streak = 0
                     return step(*a, **k)
@@ -613,6 +719,30 @@ def _trainer_classes():
                 self.bad_in_step = True
                 loss = torch.zeros_like(loss)  # keep the logged mean finite; the step is skipped
             return loss
+
+        def gathered_state_dict(self):
+            """The adapter's full tensors where processes hold shards of it (FSDP, ZeRO-3), else None.
+
+            A collective under FSDP and ZeRO-3: every process must call it; the main process gets the tensors.
+            FSDP2 gathers the trainable parameters only, not the frozen base.
+            """
+            if self.is_fsdp_enabled:  # FSDP2 (check_sharding refuses FSDP1): parameters are DTensor shards
+                return {name: _full(p).detach().cpu() for name, p in self.model.named_parameters()
+                        if p.requires_grad}
+            if self.is_deepspeed_enabled and \
+                    self.accelerator.deepspeed_config.get("zero_optimization", {}).get("stage") == 3:
+                try:
+                    return self.model_wrapped._zero3_consolidated_16bit_state_dict(exclude_frozen_parameters=True)
+                except TypeError:  # an older deepspeed: the whole model
+                    return self.accelerator.get_state_dict(self.model_wrapped)
+            return None
+
+        def save_model(self, output_dir=None, _internal_call=False):
+            """FSDP: gather the adapter alone, whatever state_dict_type (the Trainer's save gathers the whole
+            model, or writes no adapter at all with SHARDED_STATE_DICT)."""
+            if not self.is_fsdp_enabled:
+                return super().save_model(output_dir, _internal_call)
+            self._save(output_dir or self.args.output_dir, state_dict=self.gathered_state_dict())
 
         def _save_checkpoint(self, model, trial):
             if self.diverged or self.bad_streak:  # only good steps get checkpoints: save_total_limit must never
@@ -680,6 +810,20 @@ def _trainer_classes():
     return MatryoshkaTrainer, RankCallback, BarCallback, ProgressCallback, SignalCallback
 
 
+def _local(t):
+    """This process's part of a tensor that FSDP2 shards (a DTensor); a plain tensor as it is."""
+    return t.to_local() if hasattr(t, "to_local") else t
+
+
+def _full(t):
+    """The whole of a tensor that FSDP2 shards (a collective: every process calls it in the same order)."""
+    if not hasattr(t, "full_tensor"):
+        return t
+    if t.device.type != t.device_mesh.device_type:  # cpu_offload: CPU shards of an accelerator mesh
+        t = t.to(t.device_mesh.device_type)
+    return t.full_tensor()
+
+
 def _plain(d: dict) -> dict:
     return {k: (v.item() if hasattr(v, "item") else v) for k, v in d.items()}
 
@@ -714,7 +858,9 @@ def train(config: TrainConfig) -> str:
     tokenizer = load_tokenizer(model_path)
     examples = load_examples(config.data, "train", config.max_examples, tokenizer, seed=config.seed)
     features, counts = tokenize_examples(examples, tokenizer, config.max_length)
-    print(f"data {config.data}: {describe_counts(counts, config.max_length)}", flush=True)
+    is_main = int(os.environ.get("RANK", "0")) == 0  # torchrun and accelerate launch set RANK
+    if is_main:
+        print(f"data {config.data}: {describe_counts(counts, config.max_length)}", flush=True)
     if not features:
         raise UserError(f"data {config.data}: no example left to train on (all {counts['examples']} dropped); "
                         f"raise max_length (now {config.max_length})")
@@ -731,12 +877,28 @@ def train(config: TrainConfig) -> str:
     except ValueError as e:
         raise UserError(str(e)) from None
 
-    # Everything has loaded: only now touch the output folder.
     import torch
 
     check_disk(run_dir, model, config)
 
-    is_main = int(os.environ.get("RANK", "0")) == 0
+    MatryoshkaTrainer, RankCallback, BarCallback, ProgressCallback, SignalCallback = _trainer_classes()
+    signals = SignalCallback()
+    created = [d for d in (run_dir, args.output_dir) if not os.path.exists(d)]
+    trainer = MatryoshkaTrainer(  # its main process creates checkpoints/ (removed again if the sharding is refused)
+        model=model, args=args, train_dataset=features,
+        data_collator=Collator(tokenizer.pad_token_id), run_dir=run_dir, max_bad_steps=config.max_bad_steps,
+        rank_callback=(rank_cb := RankCallback(config.seed)), callbacks=[rank_cb, signals])
+    try:
+        check_sharding(trainer, config)
+    except UserError:
+        for d in reversed(created if is_main else []):
+            with contextlib.suppress(OSError):
+                os.rmdir(d)  # only if still empty
+        raise
+    trainer.remove_callback(ProgressCallback)
+    trainer.add_callback(BarCallback())
+
+    # Everything has loaded: only now touch the output folder.
     if is_main:
         if config.overwrite and os.path.isdir(run_dir):
             shutil.rmtree(run_dir)
@@ -752,15 +914,7 @@ def train(config: TrainConfig) -> str:
                         resume=False, overwrite=False)
         write_yaml(os.path.join(run_dir, TRAIN_CONFIG_NAME), resolved)
 
-    MatryoshkaTrainer, RankCallback, BarCallback, ProgressCallback, SignalCallback = _trainer_classes()
-    signals = SignalCallback()
-    trainer = MatryoshkaTrainer(
-        model=model, args=args, train_dataset=features,
-        data_collator=Collator(tokenizer.pad_token_id), run_dir=run_dir, max_bad_steps=config.max_bad_steps,
-        rank_callback=(rank_cb := RankCallback(config.seed)), callbacks=[rank_cb, signals])
-    trainer.remove_callback(ProgressCallback)
-    trainer.add_callback(BarCallback())
-    if checkpoint:
+    if checkpoint and is_main:
         print(f"resuming from {checkpoint}", flush=True)
     signals.install()
     try:
@@ -769,9 +923,10 @@ def train(config: TrainConfig) -> str:
         signals.uninstall()
     _stop_early(trainer, signals.signum, run_dir, config)
 
+    state_dict = trainer.gathered_state_dict()  # FSDP, ZeRO-3: every process takes part in the gather
     if trainer.is_world_process_zero():
         try:
-            files = save_final(trainer.model, tokenizer, run_dir)
+            files = save_final(trainer.accelerator.unwrap_model(trainer.model), tokenizer, run_dir, state_dict)
         except OSError as e:
             raise TrainingStopped(f"could not write the final adapter to {run_dir}: {e}; the last checkpoint "
                                   f"{latest_checkpoint(run_dir)} is intact", 1) from None
@@ -788,6 +943,24 @@ def train(config: TrainConfig) -> str:
         write_json(os.path.join(run_dir, COMPLETE_NAME), summary)
         print_summary(summary, run_dir)
     return run_dir
+
+
+def check_sharding(trainer, config: TrainConfig) -> None:
+    """Refuse an FSDP the run cannot honour: asked for but not enabled (accelerate shards on accelerators only,
+    not on CPU processes), or FSDP1 (from fsdp_config, or from an ``accelerate launch`` config file).
+
+    Raises:
+        UserError: on every process alike, before anything is written.
+    """
+    if config.fsdp and not trainer.is_fsdp_enabled:
+        import accelerate
+
+        raise UserError(f"fsdp={config.fsdp!r}: accelerate {accelerate.__version__} did not shard the model on "
+                        f"{trainer.args.device.type} (it runs FSDP on GPUs and other accelerators, not on CPU "
+                        "processes); train on GPUs, or remove fsdp to train with DDP")
+    if trainer.is_fsdp_enabled and not trainer.accelerator.is_fsdp2:
+        raise UserError(f"FSDP1 is not supported: {FSDP1_REFUSED}; use FSDP2 (fsdp_config version 2, or "
+                        "fsdp_version: 2 in the accelerate config file)")
 
 
 def _stop_early(trainer, signum, run_dir: str, config: TrainConfig) -> None:
@@ -809,10 +982,22 @@ def _stop_early(trainer, signum, run_dir: str, config: TrainConfig) -> None:
 
 
 def _training_args(config: TrainConfig, run_dir: str):
+    import importlib.util
+
+    if config.deepspeed is not None and importlib.util.find_spec("deepspeed") is None:
+        raise UserError(f"deepspeed={config.deepspeed!r} needs the deepspeed package (pip install deepspeed; it is "
+                        "not a dependency of matryoshka-lora), or remove deepspeed to train with DDP or fsdp")
     try:
-        return _build_training_args(config, run_dir)
-    except ValueError as e:  # transformers' own checks: scheduler, optim, bf16 on this hardware, ...
+        args = _build_training_args(config, run_dir)
+    except ValueError as e:  # transformers' own checks: scheduler, optim, bf16 on this hardware, FSDP options, ...
         raise UserError(f"invalid config: {str(e).splitlines()[0]}") from None
+    from transformers.training_args import ParallelMode
+
+    if config.fsdp and args.parallel_mode != ParallelMode.DISTRIBUTED:  # the Trainer would refuse, with a traceback
+        raise UserError(f"fsdp={config.fsdp!r} shards the model over several processes; start them with torchrun "
+                        "--nproc_per_node N -m matryoshka_lora train ... or accelerate launch -m matryoshka_lora "
+                        "train ... (see docs/distributed.md)")
+    return args
 
 
 def _build_training_args(config: TrainConfig, run_dir: str):
@@ -837,7 +1022,30 @@ def _build_training_args(config: TrainConfig, run_dir: str):
         dataloader_pin_memory=torch.cuda.is_available() and not config.use_cpu,
         remove_unused_columns=False, include_num_input_tokens_seen="non_padding",
         disable_tqdm=False,
+        **_sharding_args(config),
     )
+
+
+def _sharding_args(config: TrainConfig) -> dict:
+    """TrainingArguments' fsdp, fsdp_config and deepspeed (copies: transformers edits the mappings it gets).
+
+    FSDP options become fsdp_config entries, as transformers does with its deprecated string form; an entry
+    given in fsdp_config wins.
+    """
+    out = {}
+    if config.fsdp:
+        fsdp_config = dict(json_setting("fsdp_config", config.fsdp_config)[0] or {})
+        options = config.fsdp.split()
+        if "full_shard" in options or "shard_grad_op" in options:
+            fsdp_config.setdefault("reshard_after_forward", "full_shard" in options)
+        if "offload" in options:
+            fsdp_config.setdefault("cpu_offload", True)
+        out["fsdp"] = True
+        if fsdp_config:
+            out["fsdp_config"] = fsdp_config
+    if config.deepspeed is not None:
+        out["deepspeed"] = config.deepspeed if isinstance(config.deepspeed, str) else copy.deepcopy(config.deepspeed)
+    return out
 
 
 def check_report_to(report_to: str) -> None:

@@ -1,6 +1,15 @@
-"""Multi-process training on CPU (gloo): 2 processes with batch b = 1 process with batch 2b."""
+"""Multi-process training on CPU (gloo): 2 processes with batch b = 1 process with batch 2b.
+
+DDP through torchrun and through ``accelerate launch``; FSDP2 and DeepSpeed ZeRO-3 through the same Trainer paths.
+accelerate 1.15 turns FSDP and DeepSpeed on only for accelerators (GPUs, ...), so the FSDP and ZeRO-3 tests start
+``train`` through a small launcher that lifts exactly that gate (see ``FSDP_ON_CPU`` and ``ZERO_ON_CPU``): the
+sharding itself (torch FSDP2 DTensors, DeepSpeed ZeRO-3 partitions over gloo), the Trainer, our save and load are
+the real ones. Without the launcher, ``--fsdp`` on CPU is refused with one line (tested too).
+"""
+import importlib.util
 import json
 import os
+import socket
 import subprocess
 import sys
 
@@ -8,20 +17,105 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from matryoshka_lora import cli
+from matryoshka_lora.train import _sharding_args, parse_args
+
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"]
+
+# accelerate enables FSDP only on accelerator devices (AcceleratorState: MULTI_GPU, MULTI_XPU, ...); here it is
+# also enabled for MULTI_CPU, the one thing this launcher changes.
+FSDP_ON_CPU = '''
+import sys
+import accelerate.state
+from accelerate.utils import DistributedType
+
+init = accelerate.state.AcceleratorState.__init__
+
+
+def init_with_fsdp_on_cpu(self, *args, fsdp_plugin=None, **kwargs):
+    init(self, *args, fsdp_plugin=fsdp_plugin, **kwargs)
+    if fsdp_plugin is not None and self.distributed_type == DistributedType.MULTI_CPU:
+        self.distributed_type = DistributedType.FSDP
+        self.fsdp_plugin = fsdp_plugin
+        accelerate.state.PartialState._shared_state["distributed_type"] = DistributedType.FSDP
+
+
+accelerate.state.AcceleratorState.__init__ = init_with_fsdp_on_cpu
+from matryoshka_lora.cli import main
+
+sys.exit(main(["train", *sys.argv[1:]]))
+'''
+
+# accelerate starts DeepSpeed's process group only when it finds an accelerator backend (nccl, ...); here gloo
+# on CPU, the one thing this launcher changes (DeepSpeed itself runs on its CPU accelerator).
+ZERO_ON_CPU = '''
+import os
+import sys
+import accelerate.state
+from accelerate.utils import DistributedType
+
+prepare = accelerate.state.PartialState._prepare_backend
+
+
+def prepare_gloo(self, cpu=False, sagemaker_dp=False, backend=None):
+    found, kind = prepare(self, cpu, sagemaker_dp, backend)
+    if found is None and os.environ.get("ACCELERATE_USE_DEEPSPEED") == "true" and os.environ.get("LOCAL_RANK"):
+        return "gloo", DistributedType.MULTI_CPU
+    return found, kind
+
+
+accelerate.state.PartialState._prepare_backend = prepare_gloo
+from matryoshka_lora.cli import main
+
+sys.exit(main(["train", *sys.argv[1:]]))
+'''
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch(launcher, args, out, batch, ok=True):
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.run([*launcher, *args, "--batch_size", str(batch), "--output_dir", out], capture_output=True,
+                          text=True, env=env, timeout=300)
+    if ok:
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
 
 def train(args, out, nproc, batch):
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
-                "--master_port", str(29500 + os.getpid() % 1000)] if nproc > 1 else [sys.executable]
-    cmd = launcher + ["-m", "matryoshka_lora", "train", *args, "--batch_size", str(batch), "--output_dir", out]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return proc
+    launcher = [*TORCHRUN[:-1], str(nproc), "--master_port", str(free_port())] if nproc > 1 else [sys.executable]
+    return launch([*launcher, "-m", "matryoshka_lora", "train"], args, out, batch)
 
 
 def log_of(run):
     with open(os.path.join(run, "train_log.jsonl")) as f:
         return [json.loads(line) for line in f]
+
+
+def adapter(run):
+    return load_file(os.path.join(run, "adapter_model.safetensors"))
+
+
+def assert_same_run(run, reference):
+    """The same adapter (every tensor, full shapes, within 1e-5), per-step losses and DyLoRA draws."""
+    a, b = adapter(reference), adapter(run)
+    assert b.keys() == a.keys()
+    for key in a:
+        assert b[key].shape == a[key].shape, key  # the whole tensor, not a shard
+        torch.testing.assert_close(b[key], a[key], atol=1e-5, rtol=0)
+    assert [e["step"] for e in log_of(run)] == [e["step"] for e in log_of(reference)]
+    assert [e["loss"] for e in log_of(run)] == pytest.approx([e["loss"] for e in log_of(reference)], abs=1e-5)
+    assert [e["rank"] for e in log_of(run)] == [e["rank"] for e in log_of(reference)]
+
+
+def assert_one_reporter(proc, steps):
+    counts = (proc.stdout.count("trained "), proc.stdout.count("data arithmetic:"), proc.stderr.count(f" 0/{steps} ["))
+    # one summary, one data line, one progress bar: only the main process reports (and writes)
+    assert counts == (1, 1, 1), (counts, proc.stdout[-2000:], proc.stderr[-2000:])
 
 
 @pytest.mark.parametrize("method", ["matryoshka", "dylora"])
@@ -32,9 +126,246 @@ def test_two_processes_match_one_with_double_batch(tiny_llama_dir, tmp_path, met
     one, two = str(tmp_path / "one"), str(tmp_path / "two")
     train(args, one, 1, 4)
     proc = train(args, two, 2, 2)
-    a, b = load_file(os.path.join(one, "adapter_model.safetensors")), load_file(os.path.join(two, "adapter_model.safetensors"))
-    for key in a:
-        torch.testing.assert_close(b[key], a[key], atol=1e-5, rtol=0)
-    assert [e["loss"] for e in log_of(two)] == pytest.approx([e["loss"] for e in log_of(one)], abs=1e-5)
-    assert [e["rank"] for e in log_of(two)] == [e["rank"] for e in log_of(one)]  # the same DyLoRA draws
-    assert proc.stdout.count("trained ") == 1  # only the main process reports (and writes)
+    assert_same_run(two, one)
+    assert_one_reporter(proc, 3)
+
+
+# ---------------------------------------------------------------- accelerate launch, FSDP2, ZeRO-3
+
+STEPS = 4
+
+
+def sharded_args(model, method):
+    """4 steps, a checkpoint every 2 (so checkpoints are saved under sharding, and a resume can be tested)."""
+    return ["--model", model, "--max_examples", "16", "--max_length", "96", "--logging_steps", "1",
+            "--learning_rate", "0.01", "--warmup_steps", "0", "--rank", "4", "--method", method,
+            "--max_steps", str(STEPS), "--save_steps", "2", "--seed", "3", "--use_cpu"]
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_llama_dir, tmp_path_factory):
+    """One process with batch 4, per method (trained on first use)."""
+    runs = {}
+
+    def get(method):
+        if method not in runs:
+            runs[method] = str(tmp_path_factory.mktemp("reference") / method)
+            train(sharded_args(tiny_llama_dir, method), runs[method], 1, 4)
+        return runs[method]
+
+    return get
+
+
+def assert_loads_on_one_device(run, tiny_llama_dir):
+    """The saved adapter loads strictly (every key, full shapes) onto a plain base model, without any launcher."""
+    from transformers import AutoModelForCausalLM
+
+    from matryoshka_lora.adapter_io import load_matryoshka_model
+    from matryoshka_lora.model import use_rank
+
+    model = load_matryoshka_model(AutoModelForCausalLM.from_pretrained(tiny_llama_dir), run)
+    saved = adapter(run)
+    for name, layer in model.matryoshka.layers.items():
+        A, B = layer.lora_A["default"].weight, layer.lora_B["default"].weight
+        assert A.shape == (4, layer.in_features) and B.shape == (layer.out_features, 4)
+        torch.testing.assert_close(B, saved[f"base_model.model.{name}.lora_B.weight"])
+    with torch.no_grad(), use_rank(model, 4):
+        assert torch.isfinite(model(input_ids=torch.tensor([[1, 2, 3]])).logits).all()
+
+
+def test_accelerate_launch_matches_torchrun(tiny_llama_dir, tmp_path, reference):
+    """``accelerate launch`` with a config file (2 processes, DDP) trains what torchrun and one process train."""
+    config = tmp_path / "accelerate.yaml"
+    config.write_text("compute_environment: LOCAL_MACHINE\ndistributed_type: MULTI_GPU\nnum_machines: 1\n"
+                      f"num_processes: 2\nmachine_rank: 0\nmain_process_port: {free_port()}\n"
+                      "mixed_precision: 'no'\ndynamo_backend: 'NO'\nuse_cpu: false\n")
+    args = sharded_args(tiny_llama_dir, "dylora")
+    acc, tr = str(tmp_path / "accelerate"), str(tmp_path / "torchrun")
+    proc = launch([sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config),
+                   "-m", "matryoshka_lora", "train"], args, acc, 2)
+    train(args, tr, 2, 2)
+    assert_same_run(acc, tr)
+    assert_same_run(acc, reference("dylora"))
+    assert_one_reporter(proc, STEPS)
+    assert len(log_of(acc)) == STEPS  # one log line per step: one writer
+
+
+def fsdp_launcher(tmp_path):
+    script = tmp_path / "fsdp_on_cpu.py"
+    script.write_text(FSDP_ON_CPU)
+    return [*TORCHRUN, "--master_port", str(free_port()), str(script)]
+
+
+@pytest.mark.parametrize("method, state_dict_type, fsdp_file", [
+    ("matryoshka", "FULL_STATE_DICT", "pytorch_model_fsdp.bin"),
+    ("dylora", "SHARDED_STATE_DICT", "pytorch_model_fsdp_0"),
+])
+def test_fsdp2_two_processes_match_one_with_double_batch(tiny_llama_dir, tmp_path, reference, method,
+                                                         state_dict_type, fsdp_file):
+    """FSDP2 shards the model over 2 processes; the gathered adapter, its checkpoints and losses are those of one
+    process with double batch (DyLoRA: the rank gates reach the sharded layers), and the adapter loads anywhere.
+    The adapter is gathered whole with either state_dict_type (which only sets the format of FSDP's resume files)."""
+    run = str(tmp_path / "fsdp")
+    args = [*sharded_args(tiny_llama_dir, method), "--fsdp", "true", "--fsdp_config",
+            f"{{state_dict_type: {state_dict_type}}}"]
+    proc = launch(fsdp_launcher(tmp_path), args, run, 2)
+    ref = reference(method)
+    assert_same_run(run, ref)
+    assert_one_reporter(proc, STEPS)
+    checkpoint = os.path.join(run, "checkpoints", "checkpoint-2")
+    assert os.path.exists(os.path.join(checkpoint, fsdp_file))  # FSDP's own resume files: FSDP was on
+    assert os.path.isfile(os.path.join(checkpoint, "matryoshka_config.json"))
+    a, b = adapter(os.path.join(ref, "checkpoints", "checkpoint-2")), adapter(checkpoint)
+    assert b.keys() == a.keys() and all(b[k].shape == a[k].shape for k in a)  # a whole adapter, not shards
+    assert all(torch.allclose(b[k], a[k], atol=1e-5, rtol=0) for k in a)
+    assert_loads_on_one_device(run, tiny_llama_dir)
+    if method == "dylora":  # an interrupted FSDP run resumes from its step-2 (sharded) checkpoint exactly
+        resumed = str(tmp_path / "resumed")
+        subprocess.run(["cp", "-r", run, resumed], check=True)
+        for name in ("run_complete.json", "adapter_model.safetensors"):
+            os.remove(os.path.join(resumed, name))
+        subprocess.run(["rm", "-r", os.path.join(resumed, "checkpoints", f"checkpoint-{STEPS}")], check=True)
+        proc = launch(fsdp_launcher(tmp_path), [*args, "--resume"], resumed, 2)
+        assert proc.stdout.count("resuming from") == 1
+        assert_same_run(resumed, ref)
+
+
+SET_RANK_UNDER_FSDP2 = '''
+import sys
+import torch
+import torch.distributed as dist
+from torch.distributed.fsdp import fully_shard
+from transformers import AutoModelForCausalLM
+from matryoshka_lora.config import MatryoshkaConfig
+from matryoshka_lora.model import get_matryoshka_model, set_fused, use_rank
+
+dist.init_process_group("gloo")
+torch.manual_seed(0)
+model = get_matryoshka_model(AutoModelForCausalLM.from_pretrained(sys.argv[1]), MatryoshkaConfig(rank=4))
+with torch.no_grad():
+    for layer in model.matryoshka.layers.values():
+        layer.lora_B["default"].weight.normal_()  # B = 0 at init would make every rank the same
+ids = torch.tensor([[5, 6, 7, 8, 9]])
+expected = {}
+with torch.no_grad():
+    for k in (1, 2, 4):
+        with use_rank(model, k):
+            expected[k] = model(input_ids=ids).logits
+    for block in model.base_model.model.model.layers:
+        fully_shard(block)
+    fully_shard(model)
+    layer = next(iter(model.matryoshka.layers.values()))
+    assert type(layer.lora_B["default"].weight).__name__ == "DTensor"  # sharded
+    for fused in (True, False):  # the fused branch reads the gate buffer; PEFT's forward has the pre-hook apply it
+        set_fused(model, fused)
+        for k in (1, 2, 4):
+            with use_rank(model, k):
+                torch.testing.assert_close(model(input_ids=ids).logits, expected[k], atol=1e-5, rtol=0)
+    assert not torch.allclose(expected[1], expected[4], atol=1e-3)  # the rank matters
+print("ranks honoured under FSDP2", flush=True)
+'''
+
+
+def test_set_rank_reaches_the_gates_under_fsdp2(tiny_llama_dir, tmp_path):
+    """A matryoshka model sharded by FSDP2 (fully_shard per decoder layer, as the Trainer wraps it): use_rank and
+    set_rank reach the gates, and both the fused branch and PEFT's forward with the lora_B pre-hook give the
+    unsharded model's output at every rank."""
+    script = tmp_path / "set_rank_fsdp2.py"
+    script.write_text(SET_RANK_UNDER_FSDP2)
+    proc = subprocess.run([*TORCHRUN, "--master_port", str(free_port()), str(script), tiny_llama_dir],
+                          capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"), timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("ranks honoured under FSDP2") == 2
+
+
+def test_fsdp_on_cpu_is_refused_in_one_line(tiny_llama_dir, tmp_path):
+    """Plain accelerate does not shard CPU processes: --fsdp there is an error, not DDP under another name."""
+    out = tmp_path / "out"
+    proc = launch([*TORCHRUN, "--master_port", str(free_port()), "-m", "matryoshka_lora", "train"],
+                  [*sharded_args(tiny_llama_dir, "dylora"), "--fsdp", "true"], str(out), 2, ok=False)
+    assert proc.returncode != 0
+    lines = [ln for ln in proc.stderr.splitlines() if "matryoshka-lora train: error:" in ln]
+    assert len(lines) == 2  # one line from each process, no traceback
+    assert all("fsdp='true': accelerate" in ln and "did not shard the model on cpu" in ln and
+               "remove fsdp to train with DDP" in ln for ln in lines), lines
+    assert "]: Traceback" not in proc.stderr  # none from the processes (torchrun prints its own on a failed child)
+    assert not out.exists()
+
+
+def test_zero3_two_processes_match_one_with_double_batch(tiny_llama_dir, tmp_path, reference):
+    """DeepSpeed ZeRO-3 partitions the model over 2 processes; the saved adapter is gathered whole."""
+    if importlib.util.find_spec("deepspeed") is None:
+        pytest.skip("deepspeed is not installed (pip install deepspeed; it is not a dependency)")
+    ds = tmp_path / "zero3.json"
+    ds.write_text(json.dumps({"zero_optimization": {"stage": 3, "stage3_gather_16bit_weights_on_model_save": True},
+                              "train_micro_batch_size_per_gpu": "auto", "train_batch_size": "auto",
+                              "gradient_accumulation_steps": "auto", "gradient_clipping": "auto"}))
+    script = tmp_path / "zero_on_cpu.py"
+    script.write_text(ZERO_ON_CPU)
+    args = [a for a in sharded_args(tiny_llama_dir, "dylora") if a != "--use_cpu"]  # accelerate: no DeepSpeed on --cpu
+    run = str(tmp_path / "zero3")
+    proc = launch([*TORCHRUN, "--master_port", str(free_port()), str(script)], [*args, "--deepspeed", str(ds)], run, 2)
+    assert_same_run(run, reference("dylora"))
+    assert_one_reporter(proc, STEPS)
+    checkpoint = os.path.join(run, "checkpoints", "checkpoint-2")
+    assert os.path.isdir(os.path.join(checkpoint, "global_step2"))  # DeepSpeed's own checkpoint: it was on
+    assert os.path.isfile(os.path.join(checkpoint, "matryoshka_config.json"))
+    assert adapter(checkpoint).keys() == adapter(run).keys()
+    assert_loads_on_one_device(run, tiny_llama_dir)
+
+
+# ---------------------------------------------------------------- the config keys
+
+def test_sharding_keys_reach_the_training_arguments(tmp_path):
+    fsdp_json = tmp_path / "fsdp.json"
+    fsdp_json.write_text('{"fsdp_version": 2, "cpu_offload": true}')
+    assert parse_args(["--fsdp"]).fsdp == "true"  # the flag alone
+    assert parse_args(["--fsdp", "false"]).fsdp == ""
+    assert _sharding_args(parse_args([])) == {}
+    c = parse_args(["--fsdp", "full_shard auto_wrap", "--fsdp_config", str(fsdp_json)])
+    assert _sharding_args(c) == {"fsdp": True, "fsdp_config": {"fsdp_version": 2, "cpu_offload": True,
+                                                                "reshard_after_forward": True}}
+    c = parse_args(["--fsdp", "shard_grad_op,offload"])
+    assert _sharding_args(c) == {"fsdp": True, "fsdp_config": {"reshard_after_forward": False, "cpu_offload": True}}
+    c = parse_args(["--fsdp", "yes", "--fsdp_config", "{reshard_after_forward: false}"])
+    assert _sharding_args(c) == {"fsdp": True, "fsdp_config": {"reshard_after_forward": False}}
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("fsdp: true\nfsdp_config: {version: 2}\n")
+    assert _sharding_args(parse_args([str(cfg)])) == {"fsdp": True, "fsdp_config": {"version": 2}}
+    ds = tmp_path / "ds.json"
+    ds.write_text('{"zero_optimization": {"stage": 2}}')
+    assert _sharding_args(parse_args(["--deepspeed", str(ds)])) == {"deepspeed": str(ds)}
+
+
+BAD = [
+    (["--fsdp", "fully_shard"], "fsdp='fully_shard' is not valid ('fully_shard' unknown); give true, false, or "
+                                "options among full_shard, shard_grad_op, offload, auto_wrap"),
+    (["--fsdp", "--fsdp_config", "{verison: 2}"], "fsdp_config key(s) 'verison' not valid; the keys are version, "),
+    (["--fsdp", "--fsdp_config", "{version: 1}"], "fsdp_config version=1 is not valid; give 2 (FSDP2, the default): "
+                                                 "FSDP1 wraps every lora_A and lora_B"),
+    (["--fsdp_config", "{version: 2}"], "fsdp_config is set but fsdp is off"),
+    (["--fsdp", "--fsdp_config", "{tmp}/none.json"], "fsdp_config='{tmp}/none.json' is not valid; the file does not "
+                                                     "exist"),
+    (["--fsdp", "--fsdp_config", "{tmp}/list.json"], "the file holds a list, not a JSON object"),
+    (["--deepspeed", "{tmp}/zero3.json"], "ZeRO-3 needs zero_optimization.stage3_gather_16bit_weights_on_model_save: "
+                                          "true"),
+    (["--fsdp", "--deepspeed", "{tmp}/zero2.json"], "fsdp and deepspeed are both set; choose one"),
+    (["--fsdp", "true"], "fsdp='true' shards the model over several processes; start them with torchrun"),
+]
+
+
+@pytest.mark.parametrize("argv, message", BAD)
+def test_bad_sharding_config(argv, message, tmp_path, tiny_llama_dir, capsys, monkeypatch):
+    monkeypatch.setenv("FSDP_CPU_RAM_EFFICIENT_LOADING", "false")  # TrainingArguments(fsdp=...) sets it
+    (tmp_path / "list.json").write_text("[1, 2]")
+    (tmp_path / "zero3.json").write_text('{"zero_optimization": {"stage": 3}}')
+    (tmp_path / "zero2.json").write_text('{"zero_optimization": {"stage": 2}}')
+    argv = [a.replace("{tmp}", str(tmp_path)) for a in argv]
+    rc = cli.main(["train", "--model", tiny_llama_dir, *argv, "--max_steps", "1", "--use_cpu",
+                   "--output_dir", str(tmp_path / "out")])
+    out, err = capsys.readouterr()
+    assert rc == 2
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("matryoshka-lora train: error: "), err
+    assert message.replace("{tmp}", str(tmp_path)) in lines[0]
+    assert not (tmp_path / "out").exists()
