@@ -14,7 +14,7 @@ import os
 import platform
 import time
 
-from matryoshka_lora.compare import compare, markdown
+from matryoshka_lora.compare import SVD, compare, markdown
 
 METHODS = ["matryoshka", "matryoshka-exact", "sandwich", "dylora", "lora", "lora-svd"]
 TRAIN = {
@@ -65,6 +65,7 @@ def main() -> None:
     p.add_argument("--methods", default=",".join(METHODS))
     p.add_argument("--equal_compute", action="store_true",
                    help="also train matryoshka, dylora and lora at their best lr for 4x the steps")
+    p.add_argument("--equal_compute_seeds", help="seeds of the equal-compute runs (default: --seeds)")
     args = p.parse_args()
     lrs = [float(x) for x in args.lrs.split(",")]
     seeds = [int(s) for s in args.seeds.split(",")]
@@ -76,12 +77,16 @@ def main() -> None:
     if args.equal_compute:
         best = best_by_aurac(sweeps)
         steps = TRAIN["max_steps"] * max(WORK.values())
+        ec_seeds = [int(x) for x in args.equal_compute_seeds.split(",")] if args.equal_compute_seeds else seeds
         for m in ("matryoshka", "dylora", "lora"):
             lr = best[m][0]
-            s = compare(None, [m], seeds, os.path.join(args.output_dir, f"equal-{m}-lr-{lr:g}"),
+            group = [m, SVD] if m == "lora" else [m]  # lora-svd re-factors the same lora run
+            s = compare(None, group, ec_seeds, os.path.join(args.output_dir, f"equal-{m}-lr-{lr:g}"),
                         dict(TRAIN, learning_rate=lr, max_steps=steps), EVAL)
-            extra[m] = (lr, steps, s["methods"][m])
+            extra.update({g: (lr, steps, s["methods"][g]) for g in group})
     text = report(sweeps, seeds, extra)
+    if extra:
+        text += f"\nequal-compute rows: {TRAIN['max_steps'] * max(WORK.values())} steps, mean over seeds {ec_seeds}\n"
     machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores"
     text += f"\nmeasured on {machine} in {(time.perf_counter() - started) / 60:.0f} min\n"
     with open(os.path.join(args.output_dir, "study.md"), "w") as f:

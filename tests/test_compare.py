@@ -3,6 +3,7 @@ import json
 import os
 
 import pytest
+import yaml
 
 from matryoshka_lora.cli import main
 
@@ -35,6 +36,11 @@ def test_compare_writes_table_plot_and_json(compared):
 
 def test_compare_reuses_finished_runs(compared, tiny_llama_dir, capsys):
     before = os.path.getmtime(compared / "matryoshka" / "seed-1" / "adapter_model.safetensors")
+    # a run from a version without some keys: reused, the missing keys count as their defaults
+    saved = compared / "matryoshka" / "seed-1" / "train_config.yaml"
+    values = yaml.safe_load(saved.read_text())
+    assert values.pop("fsdp") == "" and values.pop("deepspeed") is None
+    saved.write_text(yaml.safe_dump(values))
     code = main(["compare", "--model", tiny_llama_dir, "--data", "arithmetic", "--max_examples", "16",
                  "--max_steps", "2", "--batch_size", "4", "--rank", "4", "--logging_steps", "1", "--save_steps", "0",
                  "--methods", "matryoshka", "--seeds", "1", "--limit", "3", "--max_new_tokens", "4",
