@@ -7,6 +7,11 @@ by mean AURAC (the paper's protocol). Finished runs are reused, so the script ca
     python benchmarks/study_objectives.py --output_dir runs/study            # the sweep (about 1 hour, 2 cores)
     python benchmarks/study_objectives.py --output_dir runs/study --equal_compute   # + single-function methods
                                                                                  # with as many steps of work
+The study in docs/results.md ran, on the 2-core CPU VM:
+
+    python benchmarks/study_objectives.py --output_dir runs/study --lrs 2e-3 --seeds 0,1,2 \
+        --methods matryoshka,matryoshka-exact,sandwich,dylora,lora,lora-svd \
+        --equal_compute --equal_compute_seeds 0,1 --equal_compute_runs 4:matryoshka+dylora+lora,3:dylora
 """
 import argparse
 import json
@@ -15,6 +20,7 @@ import platform
 import time
 
 from matryoshka_lora.compare import SVD, compare, markdown
+from matryoshka_lora.evaluate import plot_rank_curves
 
 METHODS = ["matryoshka", "matryoshka-exact", "sandwich", "dylora", "lora", "lora-svd"]
 TRAIN = {
@@ -46,7 +52,7 @@ def report(sweeps: dict, seeds: list[int], extra: dict | None = None) -> str:
              "| method | lr | steps | " + " | ".join(f"r={k}" for k in ranks) + " | AURAC | log-AURAC |",
              "|" + "---|" * (len(ranks) + 5)]
     rows = [(m, lr, TRAIN["max_steps"], e) for m, (lr, e) in best.items()]
-    rows += [(m + " (equal compute)", lr, steps, e) for m, (lr, steps, e) in (extra or {}).items()]
+    rows += [(m, lr, steps, e) for m, (lr, steps, e) in (extra or {}).items()]
     for m, lr, steps, e in sorted(rows, key=lambda r: -r[3]["aurac"]):
         cells = [f"{100 * v:.1f}" for v in e["per_rank"]]
         lines.append(f"| {m} | {lr:g} | {steps} | " + " | ".join(cells) +
@@ -55,6 +61,17 @@ def report(sweeps: dict, seeds: list[int], extra: dict | None = None) -> str:
     for lr, summary in sorted(sweeps.items()):
         lines += [f"learning rate {lr:g}:", "", markdown(summary)]
     return "\n".join(lines)
+
+
+def plot(sweeps: dict, extra: dict, seeds: list[int], path: str) -> None:
+    """Each method at its best learning rate, and the equal-compute runs, on one rank axis."""
+    first = next(iter(sweeps.values()))
+    curves = {f"{m} ({TRAIN['max_steps']} steps)": [100 * v for v in e["per_rank"]]
+              for m, (lr, e) in best_by_aurac(sweeps).items()}
+    curves.update({f"{m.split(' (')[0]} ({n} steps)": [100 * v for v in e["per_rank"]]
+                   for m, (lr, n, e) in extra.items()})
+    plot_rank_curves(curves, first["ranks"], 100 * first["pretrained"], f"{first['metric']} (%)",
+                     f"arithmetic, SmolLM2-135M, R=8, mean over seeds {seeds}", path)
 
 
 def main() -> None:
@@ -66,6 +83,9 @@ def main() -> None:
     p.add_argument("--equal_compute", action="store_true",
                    help="also train matryoshka, dylora and lora at their best lr for 4x the steps")
     p.add_argument("--equal_compute_seeds", help="seeds of the equal-compute runs (default: --seeds)")
+    p.add_argument("--equal_compute_runs", default="4:matryoshka+dylora+lora",
+                   help="FACTOR:METHOD+METHOD,...: train those methods FACTOR times as many steps (sandwich with "
+                        "n=1 does 3x the work per step, matryoshka-exact 4x), e.g. 4:matryoshka+dylora+lora,3:dylora")
     args = p.parse_args()
     lrs = [float(x) for x in args.lrs.split(",")]
     seeds = [int(s) for s in args.seeds.split(",")]
@@ -76,23 +96,28 @@ def main() -> None:
     extra = {}
     if args.equal_compute:
         best = best_by_aurac(sweeps)
-        steps = TRAIN["max_steps"] * max(WORK.values())
         ec_seeds = [int(x) for x in args.equal_compute_seeds.split(",")] if args.equal_compute_seeds else seeds
-        for m in ("matryoshka", "dylora", "lora"):
-            lr = best[m][0]
-            group = [m, SVD] if m == "lora" else [m]  # lora-svd re-factors the same lora run
-            s = compare(None, group, ec_seeds, os.path.join(args.output_dir, f"equal-{m}-lr-{lr:g}"),
-                        dict(TRAIN, learning_rate=lr, max_steps=steps), EVAL)
-            extra.update({g: (lr, steps, s["methods"][g]) for g in group})
+        for spec in args.equal_compute_runs.split(","):
+            factor, names = int(spec.split(":")[0]), spec.split(":")[1].split("+")
+            steps = TRAIN["max_steps"] * factor
+            for m in names:
+                lr = best[m][0]
+                group = [m, SVD] if m == "lora" else [m]  # lora-svd re-factors the same lora run
+                folder = f"equal-{m}-lr-{lr:g}" if factor == 4 else f"equal{factor}x-{m}-lr-{lr:g}"
+                s = compare(None, group, ec_seeds, os.path.join(args.output_dir, folder),
+                            dict(TRAIN, learning_rate=lr, max_steps=steps), EVAL)
+                extra.update({f"{g} ({factor}x steps)": (lr, steps, s["methods"][g]) for g in group})
     text = report(sweeps, seeds, extra)
     if extra:
-        text += f"\nequal-compute rows: {TRAIN['max_steps'] * max(WORK.values())} steps, mean over seeds {ec_seeds}\n"
+        text += f"\nrows with (Nx steps): the single-function methods trained N times as many steps, mean over seeds {ec_seeds}\n"
     machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores"
     text += f"\nmeasured on {machine} in {(time.perf_counter() - started) / 60:.0f} min\n"
     with open(os.path.join(args.output_dir, "study.md"), "w") as f:
         f.write(text)
     with open(os.path.join(args.output_dir, "study.json"), "w") as f:
-        json.dump({str(lr): s for lr, s in sweeps.items()}, f, indent=2)
+        json.dump({"sweeps": {str(lr): s for lr, s in sweeps.items()},
+                   "extra": {m: {"lr": lr, "steps": n, **e} for m, (lr, n, e) in extra.items()}}, f, indent=2)
+    plot(sweeps, extra, seeds, os.path.join(args.output_dir, "study.png"))
     print(text)
 
 

@@ -6,6 +6,7 @@ one plot.
 of its ΔW (the best rank-k approximation). It tells whether nested training beats post-hoc truncation.
 """
 import argparse
+import json
 import os
 import shutil
 import statistics
@@ -18,8 +19,9 @@ from .files import write_json, write_text
 from .ranks import aurac, log_aurac
 
 SVD = "lora-svd"
+SVD_SOURCE = "svd_source.json"  # which LoRA adapter an SVD run was made from
 ALL_METHODS = METHODS + (SVD,)
-DEFAULT_METHODS = "matryoshka,dylora,lora,lora-svd"
+DEFAULT_METHODS = "dylora,matryoshka,lora,lora-svd"
 DEFAULT_SEEDS = "42,666,2408"  # the paper's
 EVAL_OPTIONS = ("task", "ranks", "shots", "limit", "batch_size", "max_new_tokens")
 
@@ -69,15 +71,27 @@ def _complete_with_same_config(run_dir: str, config) -> bool:
 
 
 def make_svd_run(lora_run: str, run_dir: str) -> str:
-    """A run folder whose adapter is the SVD re-factoring of ``lora_run``'s (same tokenizer and train config)."""
+    """A run folder whose adapter is the SVD re-factoring of ``lora_run``'s (same tokenizer and train config).
+    An existing one made from the same LoRA adapter is kept, so its evaluation is reused (the SVD may differ in
+    the last bits between runs, which would change the adapter's hash)."""
+    from .evaluate import file_digest
     from .svd import svd_adapter
 
+    source = file_digest(os.path.join(lora_run, "adapter_model.safetensors"))
+    record = os.path.join(run_dir, SVD_SOURCE)
+    if os.path.isfile(record) and os.path.isfile(os.path.join(run_dir, "adapter_model.safetensors")):
+        with open(record) as f:
+            if json.load(f).get("lora_adapter_sha256") == source:
+                return run_dir
+    if os.path.isfile(record):
+        os.remove(record)
     svd_adapter(lora_run, run_dir)
     adapter_files = {"adapter_model.safetensors", "adapter_config.json", "matryoshka_config.json"}
     for name in os.listdir(lora_run):
         src = os.path.join(lora_run, name)
         if os.path.isfile(src) and name not in adapter_files and not name.startswith("."):
             shutil.copy2(src, os.path.join(run_dir, name))
+    write_json(record, {"lora_run": os.path.abspath(lora_run), "lora_adapter_sha256": source})
     return run_dir
 
 

@@ -61,8 +61,8 @@ class TrainConfig:
                                    "default 2000)", "int?")
     max_length: int = key(256, "tokens per example; longer examples are truncated (and counted)", "int")
     # the adapter
-    method: str = key("matryoshka", "matryoshka (the paper: all nested ranks at once through P), dylora (one "
-                      "sampled rank per optimizer step), lora, matryoshka-exact (the multi-rank loss itself, the "
+    method: str = key("dylora", "dylora (the default: one sampled rank per optimizer step; best at equal compute "
+                      "in docs/results.md), matryoshka (the paper: all nested ranks at once through P), lora, matryoshka-exact (the multi-rank loss itself, the "
                       "batch stacked across the train ranks) or sandwich (loss at R, the smallest rank and "
                       "sandwich_n sampled ranks, stacked)", "str")
     rank: int = key(8, "maximum rank R of the adapter", "int")

@@ -50,6 +50,18 @@ def test_compare_reuses_finished_runs(compared, tiny_llama_dir, capsys):
     assert os.path.getmtime(compared / "matryoshka" / "seed-1" / "adapter_model.safetensors") == before
 
 
+def test_compare_reuses_the_svd_run_and_its_evaluation(compared, tiny_llama_dir, capsys):
+    adapter = compared / "lora-svd" / "seed-1" / "adapter_model.safetensors"
+    before = os.path.getmtime(adapter)
+    code = main(["compare", "--model", tiny_llama_dir, "--data", "arithmetic", "--max_examples", "16",
+                 "--max_steps", "2", "--batch_size", "4", "--rank", "4", "--logging_steps", "1", "--save_steps", "0",
+                 "--methods", "lora-svd", "--seeds", "1", "--limit", "3", "--max_new_tokens", "4",
+                 "--output_dir", str(compared)])
+    assert code == 0
+    assert "reusing finished ranks pretrained, 1, 2, 4 from" in capsys.readouterr().out
+    assert os.path.getmtime(adapter) == before
+
+
 @pytest.mark.parametrize("args,message", [
     (["--methods", "matryoshka,qlora"], "['qlora'] not valid; choose from matryoshka"),
     (["--seeds", "a,b"], "--seeds 'a,b' is not valid"),

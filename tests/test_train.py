@@ -124,10 +124,10 @@ def test_overwrite_replaces_and_refuses_without(dylora_run, tmp_path, small_args
     assert rc == 2 and "already holds a finished run; use --overwrite" in err
     rc, _, err = run_cli([*small_args, "--output_dir", copy, "--max_steps", "1", "--rank", "4"], capsys)
     assert rc == 2
-    rc, _, err = run_cli([*small_args, "--output_dir", copy, "--max_steps", "1", "--overwrite", "--save_steps", "0"],
-                         capsys)
+    rc, _, err = run_cli([*small_args, "--output_dir", copy, "--max_steps", "1", "--overwrite", "--save_steps", "0",
+                          "--method", "lora"], capsys)
     assert rc == 0, err
-    assert yaml.safe_load(open(os.path.join(copy, "train_config.yaml")))["method"] == "matryoshka"
+    assert yaml.safe_load(open(os.path.join(copy, "train_config.yaml")))["method"] == "lora"
     assert not glob.glob(os.path.join(copy, "checkpoints", "checkpoint-*"))  # the old run's are gone
     rc, _, err = run_cli([*small_args, "--output_dir", copy, "--max_steps", "1", "--resume", "--save_steps", "0"],
                          capsys)
@@ -146,7 +146,7 @@ def test_help_lists_every_key_with_default(capsys):
     out = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
     for name in FIELDS:
         assert f"--{name}" in out
-    assert "(default: matryoshka)" in out and "(default: 8)" in out
+    assert "(default: dylora)" in out and "(default: 8)" in out
 
 
 def test_cli_overrides_win_and_are_coerced(tmp_path):
@@ -254,7 +254,7 @@ def test_embedded_smollm2_trains_end_to_end(tmp_path, capsys):
                                "--rank", "4", "--save_steps", "0", "--logging_steps", "1", "--output_dir", out],
                               capsys)
     assert rc == 0, err
-    assert "trained matryoshka R=4" in stdout and "next: matryoshka-lora eval" in stdout
+    assert "trained dylora R=4" in stdout and "next: matryoshka-lora eval" in stdout
     log = [json.loads(line) for line in open(os.path.join(out, "train_log.jsonl"))]
     assert len(log) == 2 and log[0]["loss"] < 5  # a pretrained model, not random: low loss on simple English
     model, tokenizer, config = load_run(out)

@@ -44,7 +44,7 @@ def test_exact_objective_trains_other_weights_than_the_surrogate(args, tmp_path)
 
 
 def test_appendix_b_keys_from_the_command_line():
-    c = build_config({}, {"weights": "0.4,0.3,0.2,0.1", "inference": "prefix", "rank": "8"})
+    c = build_config({}, {"weights": "0.4,0.3,0.2,0.1", "inference": "prefix", "rank": "8", "method": "matryoshka"})
     assert c.weights == [0.4, 0.3, 0.2, 0.1] and c.matryoshka_config().inference == "prefix"
 
 
