@@ -19,6 +19,8 @@ import types
 
 import torch
 
+from .errors import InvalidInput
+
 GATE = "matryoshka_gate"
 
 
@@ -29,16 +31,18 @@ def _compute_dtype(x: torch.Tensor) -> torch.dtype:
     return x.dtype
 
 
-def _broadcast_gate(e: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
-    """(R,) or per-example (B, R) gate shaped to multiply h (B, ..., R)."""
+def broadcast_gate(e: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+    """(R,) or per-example (B, R) gate shaped to multiply h (B, ..., R).
+
+    Raises:
+        ValueError: per-example gates for a batch of another size.
+    """
     if e.dim() == 1:
         return e
     if h.dim() < 2 or h.shape[0] != e.shape[0]:
-        from .errors import InvalidInput
-
         raise InvalidInput(
-            f"per-example ranks were set for a batch of {e.shape[0]} but the layer got input of shape "
-            f"{tuple(h.shape[:-1])} (+ features); call set_rank with one rank per example of this batch"
+            f"per-example ranks were set for a batch of {e.shape[0]} but the layer got a batch of shape "
+            f"{tuple(h.shape[:-1])}; call set_rank with one rank per example of this batch"
         )
     return e.view(e.shape[0], *([1] * (h.dim() - 2)), e.shape[1])
 
@@ -53,7 +57,7 @@ class GatedLoRA(torch.autograd.Function):
             x_c, A, B = x.to(dtype), weight_A.to(dtype), weight_B.to(dtype)
             e = gate.to(torch.promote_types(gate.dtype, dtype)) * scaling  # (R,) or (B, R); fp32 at least
             h = x_c @ A.t()  # (..., R)
-            h = (h * _broadcast_gate(e, h)).to(dtype)
+            h = (h * broadcast_gate(e, h)).to(dtype)
             out = base.reshape(-1, base.shape[-1])
             out = torch.addmm(out.to(dtype), h.reshape(-1, h.shape[-1]), B.t())  # (N, out)
         ctx.save_for_backward(x_c, A, B, h, e)
@@ -68,7 +72,7 @@ class GatedLoRA(torch.autograd.Function):
             g = grad.to(A.dtype)
             g2, h2, x2 = g.reshape(-1, g.shape[-1]), h.reshape(-1, h.shape[-1]), x_c.reshape(-1, x_c.shape[-1])
             grad_B = g2.t() @ h2 if ctx.needs_input_grad[3] else None  # (out, R)
-            dh = ((g @ B) * _broadcast_gate(e, h)).to(A.dtype)  # (..., R)
+            dh = ((g @ B) * broadcast_gate(e, h)).to(A.dtype)  # (..., R)
             dh2 = dh.reshape(-1, dh.shape[-1])
             grad_A = dh2.t() @ x2 if ctx.needs_input_grad[2] else None  # (R, in)
             grad_x = (dh @ A).to(x_dtype) if ctx.needs_input_grad[1] else None

@@ -132,14 +132,7 @@ def _attach(peft_model, config: MatryoshkaConfig, adapter_name: str) -> Matryosh
 
 def _gate_hook(lora_B, args):
     h = args[0]  # (..., R): the output of lora_A
-    g = getattr(lora_B, GATE)
-    if g.dim() == 2:  # per-example gates (B, R)
-        if h.dim() < 2 or h.shape[0] != g.shape[0]:
-            raise InvalidInput(
-                f"per-example ranks were set for a batch of {g.shape[0]} but the layer got input of shape "
-                f"{tuple(h.shape)}; call set_rank with one rank per example of this batch"
-            )
-        g = g.view(g.shape[0], *([1] * (h.dim() - 2)), g.shape[1])
+    g = fused.broadcast_gate(getattr(lora_B, GATE), h)
     return (h * g.to(h.dtype),) + tuple(args[1:])
 
 
