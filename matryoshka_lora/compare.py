@@ -66,8 +66,8 @@ def _complete_with_same_config(run_dir: str, config) -> bool:
     saved = read_train_config(run_dir)
     wanted = {k: v for k, v in vars(config).items() if k not in ("overwrite", "resume")}
     # a key the saved config lacks was added by a later version: the run used what is now its default
-    default = {k: train_mod.TrainConfig().__getattribute__(k) for k in wanted if k not in saved}
-    return all(saved.get(k, default.get(k)) == v for k, v in wanted.items())
+    defaults = train_mod.TrainConfig()
+    return all((saved[k] if k in saved else getattr(defaults, k)) == v for k, v in wanted.items())
 
 
 def make_svd_run(lora_run: str, run_dir: str) -> str:

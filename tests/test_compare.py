@@ -8,14 +8,18 @@ import yaml
 from matryoshka_lora.cli import main
 
 
+def run_compare(model: str, out, methods: str, seeds: str) -> int:
+    """`compare` with tiny settings: 2 steps, rank 4, 3 problems."""
+    return main(["compare", "--model", model, "--data", "arithmetic", "--max_examples", "16", "--max_steps", "2",
+                 "--batch_size", "4", "--rank", "4", "--logging_steps", "1", "--save_steps", "0",
+                 "--methods", methods, "--seeds", seeds, "--limit", "3", "--max_new_tokens", "4",
+                 "--output_dir", str(out)])
+
+
 @pytest.fixture(scope="module")
 def compared(tiny_llama_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("compare")
-    code = main(["compare", "--model", tiny_llama_dir, "--data", "arithmetic", "--max_examples", "16",
-                 "--max_steps", "2", "--batch_size", "4", "--rank", "4", "--logging_steps", "1", "--save_steps", "0",
-                 "--methods", "matryoshka,lora-svd", "--seeds", "1,2", "--limit", "3", "--max_new_tokens", "4",
-                 "--output_dir", str(out)])
-    assert code == 0
+    assert run_compare(tiny_llama_dir, out, "matryoshka,lora-svd", "1,2") == 0
     return out
 
 
@@ -41,11 +45,7 @@ def test_compare_reuses_finished_runs(compared, tiny_llama_dir, capsys):
     values = yaml.safe_load(saved.read_text())
     assert values.pop("fsdp") == "" and values.pop("deepspeed") is None
     saved.write_text(yaml.safe_dump(values))
-    code = main(["compare", "--model", tiny_llama_dir, "--data", "arithmetic", "--max_examples", "16",
-                 "--max_steps", "2", "--batch_size", "4", "--rank", "4", "--logging_steps", "1", "--save_steps", "0",
-                 "--methods", "matryoshka", "--seeds", "1", "--limit", "3", "--max_new_tokens", "4",
-                 "--output_dir", str(compared)])
-    assert code == 0
+    assert run_compare(tiny_llama_dir, compared, "matryoshka", "1") == 0
     assert "reusing the finished run" in capsys.readouterr().out
     assert os.path.getmtime(compared / "matryoshka" / "seed-1" / "adapter_model.safetensors") == before
 
@@ -53,11 +53,7 @@ def test_compare_reuses_finished_runs(compared, tiny_llama_dir, capsys):
 def test_compare_reuses_the_svd_run_and_its_evaluation(compared, tiny_llama_dir, capsys):
     adapter = compared / "lora-svd" / "seed-1" / "adapter_model.safetensors"
     before = os.path.getmtime(adapter)
-    code = main(["compare", "--model", tiny_llama_dir, "--data", "arithmetic", "--max_examples", "16",
-                 "--max_steps", "2", "--batch_size", "4", "--rank", "4", "--logging_steps", "1", "--save_steps", "0",
-                 "--methods", "lora-svd", "--seeds", "1", "--limit", "3", "--max_new_tokens", "4",
-                 "--output_dir", str(compared)])
-    assert code == 0
+    assert run_compare(tiny_llama_dir, compared, "lora-svd", "1") == 0
     assert "reusing finished ranks pretrained, 1, 2, 4 from" in capsys.readouterr().out
     assert os.path.getmtime(adapter) == before
 
