@@ -12,6 +12,7 @@ COMMANDS = {
     "compare": ("matryoshka_lora.compare", "train and evaluate several methods and seeds side by side"),
     "demo": ("matryoshka_lora.demo", "the offline demo on the embedded SmolLM2-135M-Instruct"),
     "export": ("matryoshka_lora.export_cli", "write ranks of a run as standard PEFT adapters (or merged models)"),
+    "svd": ("matryoshka_lora.svd", "give a plain LoRA adapter (a run or any PEFT adapter) nested ranks by SVD"),
 }
 
 USAGE = "usage: matryoshka-lora COMMAND [options]   (matryoshka-lora COMMAND --help for its options)\n\ncommands:\n" + \

@@ -75,7 +75,7 @@ def make_svd_run(lora_run: str, run_dir: str) -> str:
     An existing one made from the same LoRA adapter is kept, so its evaluation is reused (the SVD may differ in
     the last bits between runs, which would change the adapter's hash)."""
     from .evaluate import file_digest
-    from .svd import svd_adapter
+    from .svd import svd_run
 
     source = file_digest(os.path.join(lora_run, "adapter_model.safetensors"))
     record = os.path.join(run_dir, SVD_SOURCE)
@@ -85,12 +85,7 @@ def make_svd_run(lora_run: str, run_dir: str) -> str:
                 return run_dir
     if os.path.isfile(record):
         os.remove(record)
-    svd_adapter(lora_run, run_dir)
-    adapter_files = {"adapter_model.safetensors", "adapter_config.json", "matryoshka_config.json"}
-    for name in os.listdir(lora_run):
-        src = os.path.join(lora_run, name)
-        if os.path.isfile(src) and name not in adapter_files and not name.startswith("."):
-            shutil.copy2(src, os.path.join(run_dir, name))
+    svd_run(lora_run, run_dir)
     write_json(record, {"lora_run": os.path.abspath(lora_run), "lora_adapter_sha256": source})
     return run_dir
 
@@ -106,15 +101,38 @@ def share_pretrained(first_eval_dir: str, eval_dir: str) -> None:
         shutil.copy2(src, dst)
 
 
-def aggregate(results: dict, methods: list[str], seeds: list[int]) -> dict:
-    """Per method: the per-seed curves and their mean (per rank, AURAC, log-AURAC)."""
+def check_metric(metric: str | None, task: str | None) -> None:
+    """Fail before any training on a metric no built-in task reports (lm-eval tasks name their own)."""
+    from .evaluate import ACCURACY_METRICS
+
+    valid = sorted({m for names in ACCURACY_METRICS.values() for m in names})
+    if metric is not None and not (task or "").startswith("lm-eval:") and metric not in valid:
+        raise UserError(f"--metric {metric!r} is not valid; choose from {', '.join(valid)} (higher is better, so "
+                        "AURAC ranks methods by it)")
+
+
+def _metric_value(result: dict, record: dict | None, metric: str | None) -> float:
+    """The rank's (record's, or the pretrained model's when None) value of ``metric`` (None: the primary)."""
+    if metric is None or metric == result["metric"]:
+        return result["pretrained"] if record is None else record["value"]
+    metrics = result["pretrained_metrics"] if record is None else record["metrics"]
+    if metric not in metrics:
+        raise UserError(f"--metric {metric!r}: the {result['kind']} task {result['task']!r} reports "
+                        f"{', '.join(k for k in metrics if k not in ('loss', 'ppl'))}; the runs and their evaluations "
+                        "are saved, so rerunning with one of these reuses them")
+    return metrics[metric]
+
+
+def aggregate(results: dict, methods: list[str], seeds: list[int], metric: str | None = None) -> dict:
+    """Per method: the per-seed curves of ``metric`` (default: the task's primary) and their mean (per rank, AURAC,
+    log-AURAC)."""
     first = next(iter(results.values()))[seeds[0]]
     ranks = first["ranks"]
-    out = {"task": first["task"], "metric": first["metric"], "ranks": ranks, "seeds": seeds,
-           "pretrained": first["pretrained"], "methods": {}}
+    out = {"task": first["task"], "metric": metric or first["metric"], "ranks": ranks, "seeds": seeds,
+           "pretrained": _metric_value(first, None, metric), "methods": {}}
     for m in methods:
         per_seed = {s: results[m][s] for s in seeds}
-        curves = [[r["value"] for r in per_seed[s]["per_rank"]] for s in seeds]
+        curves = [[_metric_value(per_seed[s], r, metric) for r in per_seed[s]["per_rank"]] for s in seeds]
         mean_curve = [statistics.fmean(c[i] for c in curves) for i in range(len(ranks))]
         entry = {
             "per_rank": mean_curve,
@@ -173,7 +191,8 @@ def write_summary(summary: dict, output_dir: str) -> dict:
 
 
 def compare(config_path: str | None, methods: list[str], seeds: list[int], output_dir: str,
-            overrides: dict | None = None, eval_options: dict | None = None) -> dict:
+            overrides: dict | None = None, eval_options: dict | None = None, metric: str | None = None,
+            pretrained_from: str | None = None) -> dict:
     """Train and evaluate every (method, seed); return the summary (also written to ``output_dir``).
 
     Args:
@@ -183,12 +202,22 @@ def compare(config_path: str | None, methods: list[str], seeds: list[int], outpu
         output_dir: runs go to ``output_dir/<method>/seed-<s>``; compare.json/.md/.png at the top.
         overrides: train config keys that win over the file (as ``--key value`` on the command line).
         eval_options: keyword arguments of ``evaluate_run`` (task, ranks, shots, limit, batch_size, ...).
+        metric: the per-rank metric tabulated (default: the task's primary, e.g. exact_match_strict for GSM8K);
+            "token_acc" is the teacher-forced accuracy of the reference answer's tokens.
+        pretrained_from: the eval folder of an earlier run on the same base model, whose score of the base model
+            every run here reuses when its settings match (as runs within one compare do).
+
+    Raises:
+        UserError: a bad config, method, seed or metric (before anything is trained).
     """
     from . import train as train_mod
     from .evaluate import evaluate_run
 
     file_values = train_mod.read_yaml(config_path) if config_path else {}
     overrides, eval_options = dict(overrides or {}), dict(eval_options or {})
+    check_metric(metric, eval_options.get("task"))
+    if metric and (eval_options.get("task") or "").startswith("lm-eval:"):
+        eval_options["metric"] = metric  # lm-eval's own metric key becomes the primary value
     for key in ("method", "seed", "output_dir"):
         file_values.pop(key, None)
     train_mod.build_config(file_values, {**overrides, "output_dir": output_dir}, source=config_path or "command line")
@@ -196,7 +225,7 @@ def compare(config_path: str | None, methods: list[str], seeds: list[int], outpu
     if SVD in methods and "lora" not in trained:
         trained.append("lora")
     started = time.perf_counter()
-    results, first_eval = {m: {} for m in methods}, None
+    results, first_eval = {m: {} for m in methods}, pretrained_from
     for seed in seeds:
         for m in trained + ([SVD] if SVD in methods else []):
             run_dir = os.path.join(output_dir, m, f"seed-{seed}")
@@ -212,7 +241,7 @@ def compare(config_path: str | None, methods: list[str], seeds: list[int], outpu
             result = evaluate_run(run_dir, output_dir=eval_dir, **eval_options)
             first_eval = first_eval or eval_dir
             results.setdefault(m, {})[seed] = result
-    summary = aggregate(results, methods, seeds)
+    summary = aggregate(results, methods, seeds, None if "metric" in eval_options else metric)
     summary["seconds_total"] = round(time.perf_counter() - started, 1)
     paths = write_summary(summary, output_dir)
     print("\n" + markdown(summary))
@@ -240,6 +269,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, default=None, help="evaluate the first N test examples (default: all)")
     p.add_argument("--eval_batch_size", dest="batch_size", type=int, default=16, help="prompts per eval batch")
     p.add_argument("--max_new_tokens", type=int, default=256, help="generation budget per answer")
+    p.add_argument("--metric", default=None,
+                   help="the per-rank metric tabulated (default: the task's primary). Built-in tasks: "
+                        "exact_match_strict, exact_match_flexible (gsm8k), exact_match (completion), acc, acc_norm "
+                        "(choice), token_acc (all: teacher-forced accuracy of the answer tokens); lm-eval tasks: "
+                        "their metric key, e.g. acc_norm,none")
     return p
 
 
@@ -288,5 +322,5 @@ def main(argv) -> int:
     eval_options = {k: getattr(args, k) for k in EVAL_OPTIONS if getattr(args, k) is not None}
     if "ranks" in eval_options:
         eval_options["ranks"] = parse_ranks(eval_options["ranks"])
-    compare(args.config, methods, seeds, output_dir, overrides, eval_options)
+    compare(args.config, methods, seeds, output_dir, overrides, eval_options, args.metric)
     return 0

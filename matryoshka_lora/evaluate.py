@@ -36,6 +36,9 @@ from .ranks import aurac, log_aurac
 
 FORMAT_VERSION = 1
 PRIMARY = {"gsm8k": "exact_match_strict", "choice": "acc", "completion": "exact_match"}
+# per-rank metrics where higher is better, so an area under the rank curve ranks methods (loss and ppl are not)
+ACCURACY_METRICS = {"gsm8k": ("exact_match_strict", "exact_match_flexible", "token_acc"),
+                    "choice": ("acc", "acc_norm", "token_acc"), "completion": ("exact_match", "token_acc")}
 DEFAULTS = dict(batch_size=8, max_new_tokens=256, fewshot_seed=1234, dtype="float32",
                 attn_implementation="eager")
 

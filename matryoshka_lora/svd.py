@@ -1,4 +1,4 @@
-"""The `lora-svd` baseline: a trained adapter re-factored so that its rank-k prefix is the best rank-k ΔW.
+"""`matryoshka-lora svd`: a trained plain LoRA adapter re-factored so that its rank-k prefix is the best rank-k ΔW.
 
 For ΔW = s·BA (rank <= R), with B = Q_b R_b and Aᵀ = Q_a R_a (thin QR) and R_b R_aᵀ = U' Σ V'ᵀ:
 
@@ -7,16 +7,27 @@ For ΔW = s·BA (rank <= R), with B = Q_b R_b and Aᵀ = Q_a R_a (thin QR) and R
 
 so B'A' = ΔW and B'[:, :k] A'[:k] is its truncated SVD (Eckart–Young). Saved with scaling "none" (s_k = 1),
 the result is an ordinary nested adapter: ``use_rank(k)`` and ``export_rank(k)`` give the rank-k truncation.
+The source is a run of this library trained with ``method: lora`` or any PEFT LoRA adapter folder (e.g. from
+TRL or a PEFT script): nested ranks for an adapter that was never trained for them (`lora-svd` in compare).
 """
+import argparse
 import dataclasses
 import json
+import math
 import os
+import shutil
 
 import torch
 from safetensors.torch import save_file
 
-from .adapter_io import ADAPTER_CONFIG_NAME, WEIGHTS_NAME, _atomic_dir, _json_ready, _source
-from .errors import InvalidInput
+from .adapter_io import ADAPTER_CONFIG_NAME, WEIGHTS_NAME, _atomic_dir, _json_ready, _source, read_json, read_weights
+from .config import CONFIG_NAME, MatryoshkaConfig
+from .errors import ArgumentParser, InvalidInput, UserError
+
+# LoraConfig fields of a PEFT adapter carried over as they are (they choose layers, not the adapter's math)
+CARRIED_PEFT_FIELDS = {"layers_to_transform": None, "layers_pattern": None, "modules_to_save": None,
+                       "exclude_modules": None, "fan_in_fan_out": False, "bias": "none"}
+ADAPTER_FILES = {WEIGHTS_NAME, ADAPTER_CONFIG_NAME, CONFIG_NAME}
 
 
 def svd_factors(A: torch.Tensor, B: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -37,18 +48,65 @@ def svd_factors(A: torch.Tensor, B: torch.Tensor, scale: float) -> tuple[torch.T
     return A_new.to(A.dtype), B_new.to(B.dtype)
 
 
-def svd_adapter(model_or_dir, out_dir) -> str:
-    """Write the SVD re-factoring of a trained adapter as a nested adapter folder (scaling "none").
-
-    The adapter's training gate must be uniform (method "lora"), since ΔW is then s_R·BA.
+def peft_lora_source(directory: str) -> tuple[MatryoshkaConfig, dict, dict, float]:
+    """(config, PEFT adapter config, weights, s) of a stock PEFT LoRA adapter folder, whose ΔW = s·BA with
+    s = lora_alpha / r (lora_alpha / √r with rsLoRA).
 
     Raises:
-        ValueError: the adapter was trained with another method.
+        InvalidInput: not a LoRA adapter, or one whose ΔW is not one rank-r product per layer (DoRA, a LoRA
+            bias, per-module ranks or alphas, embedding or parameter LoRA), every problem listed.
     """
-    config, peft_config, weights = _source(model_or_dir)
+    peft_config = read_json(os.path.join(directory, ADAPTER_CONFIG_NAME))
+    weights = read_weights(directory)
+    r, alpha = peft_config.get("r"), peft_config.get("lora_alpha")
+    problems = []
+    if peft_config.get("peft_type") != "LORA":
+        problems.append(f"peft_type is {peft_config.get('peft_type')!r}, not 'LORA'")
+    if isinstance(r, bool) or not isinstance(r, int) or r < 1:
+        problems.append(f"r={r!r} is not a positive integer")
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or alpha <= 0:
+        problems.append(f"lora_alpha={alpha!r} is not a positive number")
+    for name in ("use_dora", "lora_bias"):
+        if peft_config.get(name):
+            problems.append(f"{name} is set: its ΔW is not B·A alone")
+    for name in ("rank_pattern", "alpha_pattern", "target_parameters"):
+        if peft_config.get(name):
+            problems.append(f"{name} is not empty: every layer must have rank r and scale lora_alpha / r")
+    parts = {next(p for p in k.split(".") if p.startswith("lora_")) for k in weights if ".lora_" in k}
+    odd = sorted(parts - {"lora_A", "lora_B"})
+    if odd:
+        problems.append(f"it holds {', '.join(odd)} weights (only linear-layer lora_A/lora_B can be re-factored)")
+    if problems:
+        raise InvalidInput(f"{directory} cannot be re-factored: " + "; ".join(problems))
+    kwargs = {k: peft_config[k] for k, default in CARRIED_PEFT_FIELDS.items() if peft_config.get(k, default) != default}
+    config = MatryoshkaConfig(rank=r, method="lora", scaling="none", target_modules=peft_config["target_modules"],
+                              lora_dropout=peft_config.get("lora_dropout") or 0.0, lora_kwargs=kwargs)
+    scale = alpha / (math.sqrt(r) if peft_config.get("use_rslora") else r)
+    return config, peft_config, weights, scale
+
+
+def svd_adapter(model_or_dir, out_dir, train_ranks: list[int] | None = None) -> str:
+    """Write the SVD re-factoring of a trained adapter as a nested adapter folder (scaling "none").
+
+    Args:
+        model_or_dir: a matryoshka model or adapter folder trained with method "lora", or a stock PEFT LoRA
+            adapter folder (no ``matryoshka_config.json``).
+        out_dir: the folder to write (written beside it, then renamed into place).
+        train_ranks: the ranks the new adapter lists as its own (the default ranks of eval and export);
+            default: the source's, or powers of two up to r for a PEFT adapter.
+
+    Raises:
+        ValueError: the adapter was trained with another method, or cannot be re-factored.
+    """
+    is_peft = isinstance(model_or_dir, (str, os.PathLike)) and not os.path.isfile(
+        os.path.join(model_or_dir, CONFIG_NAME))
+    if is_peft:
+        config, peft_config, weights, scale = peft_lora_source(os.fspath(model_or_dir))
+    else:
+        config, peft_config, weights = _source(model_or_dir)
+        scale = config.scale_max
     if config.method != "lora":
         raise InvalidInput(f"lora-svd needs an adapter trained with method 'lora', not {config.method!r}")
-    scale = config.scale_max
     out = {}
     for key, A in weights.items():
         if "lora_A" not in key:
@@ -57,8 +115,10 @@ def svd_adapter(model_or_dir, out_dir) -> str:
             continue
         B = weights[key.replace("lora_A", "lora_B")]
         out[key], out[key.replace("lora_A", "lora_B")] = (t.contiguous() for t in svd_factors(A, B, scale))
-    new_config = dataclasses.replace(config, scaling="none", inference="paper")
-    peft_config = dict(peft_config, lora_alpha=config.rank)  # alpha / r = 1 = s_R of scaling "none"
+    new_config = dataclasses.replace(config, scaling="none", inference="paper",
+                                     train_ranks=train_ranks or (None if is_peft else config.train_ranks))
+    # alpha / r = 1 = s_R of scaling "none"; rsLoRA would turn it into alpha / sqrt(r)
+    peft_config = dict(peft_config, lora_alpha=config.rank, use_rslora=False)
     with _atomic_dir(out_dir) as tmp:
         save_file(out, os.path.join(tmp, WEIGHTS_NAME), metadata={"format": "pt"})
         with open(os.path.join(tmp, ADAPTER_CONFIG_NAME), "w") as f:
@@ -66,3 +126,78 @@ def svd_adapter(model_or_dir, out_dir) -> str:
         new_config.save(tmp)
     return os.fspath(out_dir)
 
+
+def svd_run(source_dir: str, out_dir: str, train_ranks: list[int] | None = None) -> str:
+    """``svd_adapter`` plus the source's other files (train config, tokenizer, ...), so that a training run's
+    re-factoring is a run folder ``eval`` and ``export --merge`` take as they take the run."""
+    svd_adapter(source_dir, out_dir, train_ranks)
+    for name in os.listdir(source_dir):
+        src = os.path.join(source_dir, name)
+        if os.path.isfile(src) and name not in ADAPTER_FILES and not name.startswith("."):
+            shutil.copy2(src, os.path.join(out_dir, name))
+    return out_dir
+
+
+def energy_captured(weights: dict, ranks: list[int]) -> list[float]:
+    """Per rank k, the share of ‖ΔW‖²_F that the first k components keep, averaged over the layers.
+
+    For SVD-ordered factors the i-th component of a layer is σ_i u_i v_iᵀ with σ_i = ‖B[:, i]‖·‖A[i]‖, so
+    this is Σ_{i<=k} σ_i² / Σ_i σ_i², the squared relative error of rank k subtracted from 1.
+    """
+    shares = []
+    for key, A in weights.items():
+        if ".lora_A." not in key:
+            continue
+        B = weights[key.replace(".lora_A.", ".lora_B.")]
+        sigma2 = (B.double().norm(dim=0) * A.double().norm(dim=1)).square()  # (R,)
+        total = sigma2.sum().item()
+        if total > 0:
+            shares.append([sigma2[:k].sum().item() / total for k in ranks])
+    return [sum(s[i] for s in shares) / len(shares) if shares else 0.0 for i in range(len(ranks))]
+
+
+def build_parser():
+    p = ArgumentParser(
+        prog="matryoshka-lora svd", formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Give a trained plain LoRA adapter nested ranks: re-factor each layer's ΔW by its SVD, so\n"
+                    "that the first k components are its best rank-k approximation (Eckart-Young). The result is\n"
+                    "a nested adapter folder like a training run's: evaluate and export any rank k <= r.",
+        epilog="examples:\n"
+               "  matryoshka-lora svd runs/my-lora-run                       # a run trained with --method lora\n"
+               "  matryoshka-lora eval runs/my-lora-run-svd                  # accuracy at every rank\n"
+               "  matryoshka-lora svd path/to/peft-adapter --output_dir nested   # any PEFT LoRA adapter\n"
+               "  matryoshka-lora export nested --ranks 4,16                 # ranks as standard PEFT adapters")
+    p.add_argument("adapter_dir", help="a matryoshka-lora run trained with method lora, or a PEFT LoRA adapter "
+                                       "folder (adapter_config.json + adapter_model.safetensors)")
+    p.add_argument("--output_dir", default=None, help="where to write the nested adapter (default: ADAPTER_DIR-svd)")
+    p.add_argument("--ranks", default=None, help="the ranks listed as the adapter's own, e.g. 1,2,4,8 (the default "
+                                                 "ranks of eval and export; default: the run's, or powers of two)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing OUTPUT_DIR")
+    return p
+
+
+def main(argv) -> int:
+    from .evaluate import parse_ranks
+
+    args = build_parser().parse_args(argv)
+    src = args.adapter_dir
+    if not os.path.isdir(src):
+        raise UserError(f"adapter folder {src!r} not found")
+    out = args.output_dir or os.path.normpath(src) + "-svd"
+    if os.path.abspath(out) == os.path.abspath(src):
+        raise UserError(f"--output_dir {out!r} is the adapter folder itself; choose another folder")
+    if os.path.isdir(out) and os.listdir(out) and not args.overwrite:
+        raise UserError(f"--output_dir {out!r} already exists; add --overwrite to replace it, or choose another")
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise UserError(f"--output_dir {out!r} is a file; choose a folder")
+    svd_run(src, out, parse_ranks(args.ranks))
+    config = MatryoshkaConfig.load(out)
+    shares = energy_captured(read_weights(out), config.train_ranks)
+    print(f"wrote the nested adapter (R = {config.rank}) to {out}\n\nshare of ‖ΔW‖² kept at each rank "
+          "(mean over layers):\n")
+    print("| rank | " + " | ".join(map(str, config.train_ranks)) + " |\n|" + "---|" * (len(shares) + 1))
+    print("| kept | " + " | ".join(f"{100 * x:.1f}%" for x in shares) + " |\n")
+    is_run = os.path.isfile(os.path.join(out, "train_config.yaml"))
+    print(f"next: matryoshka-lora eval {out}    (accuracy at every rank)\n      " if is_run else "next: ", end="")
+    print(f"matryoshka-lora export {out} --ranks {','.join(map(str, config.train_ranks[:2]))}  (standard PEFT adapters)")
+    return 0
