@@ -12,7 +12,11 @@ and evaluations are reused, so the script can be stopped and rerun, and more see
     python benchmarks/study_gsm8k.py --output_dir runs/study-gsm8k                         # openai/gsm8k (hub)
 
 The defaults are sized for a 2-core CPU (SmolLM2-135M, 96 passes of 4 examples, 64 test problems: about
-25 minutes per learning rate and seed); on a GPU raise --budget and --limit (e.g. --budget 1868 is one epoch).
+an hour per learning rate and seed, most of it generation); on a GPU raise --budget and --limit (--budget 1868
+is one epoch). The study in docs/results.md ran, on the 2-core CPU VM (about 2 hours):
+
+    python benchmarks/study_gsm8k.py --data ../shared/data/gsm8k --output_dir runs/study-gsm8k --seeds 0 \
+        --budget 64 --limit 48 --max_new_tokens 200 --lrs 1e-3,3e-3,9e-3:dylora+lora+lora-svd+matryoshka
 """
 import argparse
 import json
@@ -82,11 +86,22 @@ def table(sweeps: dict, metric: str, seeds: list[int]) -> str:
 def all_lrs(sweeps: dict) -> str:
     lines = ["| method | " + " | ".join(f"lr {lr:g}: tok-acc AURAC / EM AURAC" for lr in sorted(sweeps)) + " |",
              "|" + "---|" * (len(sweeps) + 1)]
-    for m in next(iter(sweeps.values()))["token_acc"]["methods"]:
+    methods = dict.fromkeys(m for s in sweeps.values() for m in s["token_acc"]["methods"])
+    for m in methods:
         cells = [f"{100 * sweeps[lr]['token_acc']['methods'][m]['aurac']:.1f} / "
-                 f"{100 * sweeps[lr]['exact_match_strict']['methods'][m]['aurac']:.1f}" for lr in sorted(sweeps)]
+                 f"{100 * sweeps[lr]['exact_match_strict']['methods'][m]['aurac']:.1f}"
+                 if m in sweeps[lr]["token_acc"]["methods"] else "—" for lr in sorted(sweeps)]
         lines.append(f"| {m} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def parse_lrs(text: str, methods: list[str]) -> dict[float, list[str]]:
+    """'1e-3,3e-3,9e-3:dylora+lora' -> {lr: the methods trained at it} (a bare lr: all of --methods)."""
+    out = {}
+    for item in text.split(","):
+        lr, _, only = item.partition(":")
+        out[float(lr)] = only.split("+") if only else methods
+    return out
 
 
 def main() -> None:
@@ -94,7 +109,8 @@ def main() -> None:
     p.add_argument("--data", default="gsm8k", help="gsm8k (the hub's openai/gsm8k) or a folder with train/test.jsonl")
     p.add_argument("--model", default="smollm2")
     p.add_argument("--output_dir", default="runs/study-gsm8k")
-    p.add_argument("--lrs", default="1e-3,3e-3")
+    p.add_argument("--lrs", default="1e-3,3e-3",
+                   help="learning rates, each optionally limited to some methods: 1e-3,3e-3,9e-3:dylora+lora")
     p.add_argument("--seeds", default="0")
     p.add_argument("--methods", default=",".join(METHODS))
     p.add_argument("--budget", type=int, default=96, help="forward/backward passes of 4 examples per run")
@@ -102,10 +118,10 @@ def main() -> None:
     p.add_argument("--eval_batch_size", type=int, default=16)
     p.add_argument("--max_new_tokens", type=int, default=256)
     args = p.parse_args()
-    lrs = [float(x) for x in args.lrs.split(",")]
+    lrs = parse_lrs(args.lrs, args.methods.split(","))
     seeds = [int(s) for s in args.seeds.split(",")]
     started = time.perf_counter()
-    sweeps = {lr: run_lr(args, lr, seeds, args.methods.split(",")) for lr in lrs}
+    sweeps = {lr: run_lr(args, lr, seeds, methods) for lr, methods in lrs.items()}
     machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores"
     text = "\n\n".join([table(sweeps, "token_acc", seeds), table(sweeps, "exact_match_strict", seeds),
                         "All learning rates (AURAC, mean over seeds):", all_lrs(sweeps),

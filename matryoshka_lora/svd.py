@@ -106,7 +106,8 @@ def svd_adapter(model_or_dir, out_dir, train_ranks: list[int] | None = None) -> 
         config, peft_config, weights = _source(model_or_dir)
         scale = config.scale_max
     if config.method != "lora":
-        raise InvalidInput(f"lora-svd needs an adapter trained with method 'lora', not {config.method!r}")
+        raise InvalidInput(f"lora-svd needs an adapter trained with method 'lora', not {config.method!r}, whose "
+                           "ranks are nested already: evaluate or export it as it is")
     out = {}
     for key, A in weights.items():
         if "lora_A" not in key:
