@@ -75,7 +75,7 @@ def make_svd_run(lora_run: str, run_dir: str) -> str:
     An existing one made from the same LoRA adapter is kept, so its evaluation is reused (the SVD may differ in
     the last bits between runs, which would change the adapter's hash)."""
     from .evaluate import file_digest
-    from .svd import svd_run
+    from .svd import svd_adapter
 
     source = file_digest(os.path.join(lora_run, "adapter_model.safetensors"))
     record = os.path.join(run_dir, SVD_SOURCE)
@@ -85,7 +85,7 @@ def make_svd_run(lora_run: str, run_dir: str) -> str:
                 return run_dir
     if os.path.isfile(record):
         os.remove(record)
-    svd_run(lora_run, run_dir)
+    svd_adapter(lora_run, run_dir, keep_run_files=True)
     write_json(record, {"lora_run": os.path.abspath(lora_run), "lora_adapter_sha256": source})
     return run_dir
 
@@ -101,12 +101,12 @@ def share_pretrained(first_eval_dir: str, eval_dir: str) -> None:
         shutil.copy2(src, dst)
 
 
-def check_metric(metric: str | None, task: str | None) -> None:
+def check_metric(metric: str | None, lm_eval_task: bool) -> None:
     """Fail before any training on a metric no built-in task reports (lm-eval tasks name their own)."""
     from .evaluate import ACCURACY_METRICS
 
     valid = sorted({m for names in ACCURACY_METRICS.values() for m in names})
-    if metric is not None and not (task or "").startswith("lm-eval:") and metric not in valid:
+    if metric is not None and not lm_eval_task and metric not in valid:
         raise UserError(f"--metric {metric!r} is not valid; choose from {', '.join(valid)} (higher is better, so "
                         "AURAC ranks methods by it)")
 
@@ -215,9 +215,10 @@ def compare(config_path: str | None, methods: list[str], seeds: list[int], outpu
 
     file_values = train_mod.read_yaml(config_path) if config_path else {}
     overrides, eval_options = dict(overrides or {}), dict(eval_options or {})
-    check_metric(metric, eval_options.get("task"))
-    if metric and (eval_options.get("task") or "").startswith("lm-eval:"):
-        eval_options["metric"] = metric  # lm-eval's own metric key becomes the primary value
+    lm_eval_task = (eval_options.get("task") or "").startswith("lm-eval:")
+    check_metric(metric, lm_eval_task)
+    if metric and lm_eval_task:
+        eval_options["metric"] = metric  # lm-eval's own metric key becomes each rank's primary value
     for key in ("method", "seed", "output_dir"):
         file_values.pop(key, None)
     train_mod.build_config(file_values, {**overrides, "output_dir": output_dir}, source=config_path or "command line")
@@ -241,7 +242,7 @@ def compare(config_path: str | None, methods: list[str], seeds: list[int], outpu
             result = evaluate_run(run_dir, output_dir=eval_dir, **eval_options)
             first_eval = first_eval or eval_dir
             results.setdefault(m, {})[seed] = result
-    summary = aggregate(results, methods, seeds, None if "metric" in eval_options else metric)
+    summary = aggregate(results, methods, seeds, None if lm_eval_task else metric)
     summary["seconds_total"] = round(time.perf_counter() - started, 1)
     paths = write_summary(summary, output_dir)
     print("\n" + markdown(summary))

@@ -85,7 +85,7 @@ def peft_lora_source(directory: str) -> tuple[MatryoshkaConfig, dict, dict, floa
     return config, peft_config, weights, scale
 
 
-def svd_adapter(model_or_dir, out_dir, train_ranks: list[int] | None = None) -> str:
+def svd_adapter(model_or_dir, out_dir, train_ranks: list[int] | None = None, keep_run_files: bool = False) -> str:
     """Write the SVD re-factoring of a trained adapter as a nested adapter folder (scaling "none").
 
     Args:
@@ -94,6 +94,8 @@ def svd_adapter(model_or_dir, out_dir, train_ranks: list[int] | None = None) -> 
         out_dir: the folder to write (written beside it, then renamed into place).
         train_ranks: the ranks the new adapter lists as its own (the default ranks of eval and export);
             default: the source's, or powers of two up to r for a PEFT adapter.
+        keep_run_files: also copy the source folder's other files (train config, tokenizer, ...), so that a
+            training run's re-factoring is a run folder ``eval`` and ``export --merge`` take like the run.
 
     Raises:
         ValueError: the adapter was trained with another method, or cannot be re-factored.
@@ -125,18 +127,12 @@ def svd_adapter(model_or_dir, out_dir, train_ranks: list[int] | None = None) -> 
         with open(os.path.join(tmp, ADAPTER_CONFIG_NAME), "w") as f:
             json.dump(_json_ready(peft_config), f, indent=2)
         new_config.save(tmp)
+        if keep_run_files and isinstance(model_or_dir, (str, os.PathLike)):
+            for name in os.listdir(model_or_dir):
+                src = os.path.join(model_or_dir, name)
+                if os.path.isfile(src) and name not in ADAPTER_FILES and not name.startswith("."):
+                    shutil.copy2(src, os.path.join(tmp, name))
     return os.fspath(out_dir)
-
-
-def svd_run(source_dir: str, out_dir: str, train_ranks: list[int] | None = None) -> str:
-    """``svd_adapter`` plus the source's other files (train config, tokenizer, ...), so that a training run's
-    re-factoring is a run folder ``eval`` and ``export --merge`` take as they take the run."""
-    svd_adapter(source_dir, out_dir, train_ranks)
-    for name in os.listdir(source_dir):
-        src = os.path.join(source_dir, name)
-        if os.path.isfile(src) and name not in ADAPTER_FILES and not name.startswith("."):
-            shutil.copy2(src, os.path.join(out_dir, name))
-    return out_dir
 
 
 def energy_captured(weights: dict, ranks: list[int]) -> list[float]:
@@ -191,7 +187,7 @@ def main(argv) -> int:
         raise UserError(f"--output_dir {out!r} already exists; add --overwrite to replace it, or choose another")
     if os.path.exists(out) and not os.path.isdir(out):
         raise UserError(f"--output_dir {out!r} is a file; choose a folder")
-    svd_run(src, out, parse_ranks(args.ranks))
+    svd_adapter(src, out, parse_ranks(args.ranks), keep_run_files=True)
     config = MatryoshkaConfig.load(out)
     shares = energy_captured(read_weights(out), config.train_ranks)
     print(f"wrote the nested adapter (R = {config.rank}) to {out}\n\nshare of ‖ΔW‖² kept at each rank "
