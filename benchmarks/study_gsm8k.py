@@ -33,7 +33,6 @@ METHODS = ["matryoshka", "matryoshka-exact", "sandwich", "dylora", "lora", "lora
 RANKS = [1, 2, 4, 8]
 # forward/backward passes per optimizer step: |S| stacked ranks for exact, R + smallest + n = 1 drawn for sandwich
 WORK = {"matryoshka-exact": len(RANKS), "sandwich": 3}
-PRETRAINED_EVAL = [None]  # the first evaluated run's eval folder
 METRICS = {"token_acc": "answer-token accuracy", "exact_match_strict": "0-shot exact match"}
 
 
@@ -47,8 +46,10 @@ def steps_of(method: str, budget: int) -> int:
     return max(1, budget // WORK.get(method, 1))
 
 
-def run_lr(args, lr: float, seeds: list[int], methods: list[str]) -> dict:
-    """{metric: summary} at one learning rate: every method at its equal-compute number of steps."""
+def run_lr(args, lr: float, seeds: list[int], methods: list[str], pretrained_from: str | None) -> tuple[dict, str]:
+    """({metric: summary}, an eval folder holding the base model's score) at one learning rate: every method at
+    its equal-compute number of steps. The base model's score is the same for every run: evaluated once (or taken
+    from ``pretrained_from``), then reused."""
     groups = {}
     for m in methods:
         groups.setdefault(steps_of(m, args.budget), []).append(m)
@@ -59,12 +60,11 @@ def run_lr(args, lr: float, seeds: list[int], methods: list[str]) -> dict:
         folder = os.path.join(args.output_dir, f"lr-{lr:g}", f"steps-{steps}")
         train = dict(train_settings(args), learning_rate=lr, max_steps=steps)
         for metric in METRICS:  # the second pass only re-reads the saved evaluations
-            # the base model's score is the same for every run: evaluated once, then reused
-            s = compare(None, group, seeds, folder, train, ev, metric=metric, pretrained_from=PRETRAINED_EVAL[0])
-            PRETRAINED_EVAL[0] = PRETRAINED_EVAL[0] or os.path.join(folder, group[0], f"seed-{seeds[0]}", "eval")
+            s = compare(None, group, seeds, folder, train, ev, metric=metric, pretrained_from=pretrained_from)
+            pretrained_from = pretrained_from or os.path.join(folder, group[0], f"seed-{seeds[0]}", "eval")
             merged = out.setdefault(metric, {k: v for k, v in s.items() if k != "methods"} | {"methods": {}})
             merged["methods"].update({m: e | {"steps": steps} for m, e in s["methods"].items()})
-    return out
+    return out, pretrained_from
 
 
 def table(sweeps: dict, metric: str, seeds: list[int]) -> str:
@@ -121,7 +121,9 @@ def main() -> None:
     lrs = parse_lrs(args.lrs, args.methods.split(","))
     seeds = [int(s) for s in args.seeds.split(",")]
     started = time.perf_counter()
-    sweeps = {lr: run_lr(args, lr, seeds, methods) for lr, methods in lrs.items()}
+    sweeps, pretrained_from = {}, None
+    for lr, methods in lrs.items():
+        sweeps[lr], pretrained_from = run_lr(args, lr, seeds, methods, pretrained_from)
     machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores"
     text = "\n\n".join([table(sweeps, "token_acc", seeds), table(sweeps, "exact_match_strict", seeds),
                         "All learning rates (AURAC, mean over seeds):", all_lrs(sweeps),
