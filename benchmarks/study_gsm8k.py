@@ -5,18 +5,20 @@ for BUDGET optimizer steps, `sandwich` (n = 1: ranks R, 1 and one drawn) for BUD
 BUDGET / |S|; `lora-svd` re-factors the `lora` run. Each run is evaluated on the first LIMIT GSM8K test problems
 at ranks 1, 2, 4, 8 by answer-token accuracy (teacher-forced: the share of the reference answer's tokens the
 model predicts, the metric of the issue's reference run) and by 0-shot greedy exact match (lm-eval's strict
-`#### N` filter). Each method is reported at its best learning rate by mean token-accuracy AURAC. Finished runs
-and evaluations are reused, so the script can be stopped and rerun, and more seeds added later.
+`#### N` filter). Each method is reported at its best learning rate by mean token-accuracy AURAC over --seeds;
+--confirm_seeds are then run only at that learning rate, and the tables average every seed (± the standard
+deviation of AURAC across seeds). Finished runs and evaluations are reused, so the script can be stopped and
+rerun, and seeds added later.
 
     python benchmarks/study_gsm8k.py --data path/to/gsm8k --output_dir runs/study-gsm8k   # local JSONL
     python benchmarks/study_gsm8k.py --output_dir runs/study-gsm8k                         # openai/gsm8k (hub)
 
 The defaults are sized for a 2-core CPU (SmolLM2-135M, 96 passes of 4 examples, 64 test problems: about
 an hour per learning rate and seed, most of it generation); on a GPU raise --budget and --limit (--budget 1868
-is one epoch). The study in docs/results.md ran, on the 2-core CPU VM (about 2 hours):
+is one epoch). The study in docs/results.md ran, on the 2-core CPU VM:
 
     python benchmarks/study_gsm8k.py --data ../shared/data/gsm8k --output_dir runs/study-gsm8k --seeds 0 \
-        --budget 64 --limit 48 --max_new_tokens 200 --lrs 1e-3,3e-3,9e-3:dylora+lora+lora-svd+matryoshka
+        --confirm_seeds 1,2 --budget 64 --limit 48 --max_new_tokens 200 --lrs 1e-3,3e-3,9e-3
 """
 import argparse
 import json
@@ -26,13 +28,14 @@ import time
 
 from study_objectives import best_by_aurac
 
-from matryoshka_lora.compare import compare
-from matryoshka_lora.evaluate import plot_rank_curves
+from matryoshka_lora.compare import aggregate, compare, share_pretrained
+from matryoshka_lora.evaluate import evaluate_run, plot_rank_curves
 
 METHODS = ["matryoshka", "matryoshka-exact", "sandwich", "dylora", "lora", "lora-svd"]
 RANKS = [1, 2, 4, 8]
 # forward/backward passes per optimizer step: |S| stacked ranks for exact, R + smallest + n = 1 drawn for sandwich
 WORK = {"matryoshka-exact": len(RANKS), "sandwich": 3}
+PREFIX = "matryoshka-prefix"  # the matryoshka runs read with inference "prefix": no training of its own
 METRICS = {"token_acc": "answer-token accuracy", "exact_match_strict": "0-shot exact match"}
 
 
@@ -64,21 +67,46 @@ def run_lr(args, lr: float, seeds: list[int], methods: list[str], pretrained_fro
             pretrained_from = pretrained_from or os.path.join(folder, group[0], f"seed-{seeds[0]}", "eval")
             merged = out.setdefault(metric, {k: v for k, v in s.items() if k != "methods"} | {"methods": {}})
             merged["methods"].update({m: e | {"steps": steps} for m, e in s["methods"].items()})
+    if "matryoshka" in methods:
+        add_prefix(args, lr, seeds, ev, out, pretrained_from)
     return out, pretrained_from
 
 
-def table(sweeps: dict, metric: str, seeds: list[int]) -> str:
-    """Each method at its best learning rate by mean token-accuracy AURAC."""
+def add_prefix(args, lr: float, seeds: list[int], ev: dict, out: dict, pretrained_from: str) -> None:
+    """Evaluate the matryoshka runs at ``lr`` with inference "prefix" (rank k = W0 + Σ_{i≤k} P_i b_i a_iᵀ, the
+    truncation of the function trained) and add them to ``out`` as ``PREFIX``."""
+    steps = steps_of("matryoshka", args.budget)
+    folder = os.path.join(args.output_dir, f"lr-{lr:g}", f"steps-{steps}", "matryoshka")
+    results = {}
+    for seed in seeds:
+        eval_dir = os.path.join(folder, f"seed-{seed}", "eval-prefix")
+        share_pretrained(pretrained_from, eval_dir)
+        results[seed] = evaluate_run(os.path.dirname(eval_dir), output_dir=eval_dir, inference="prefix", **ev)
+    for metric in METRICS:
+        entry = aggregate({PREFIX: results}, [PREFIX], seeds, metric)["methods"][PREFIX]
+        out[metric]["methods"][PREFIX] = entry | {"steps": steps}
+
+
+def spread(e: dict) -> str:
+    """The AURAC's standard deviation over seeds (sample), or "" for one seed."""
+    return f" ± {100 * e['aurac_stdev']:.1f}" if "aurac_stdev" in e else ""
+
+
+def choose(sweeps: dict) -> dict:
+    """{method: (lr, {metric: entry})}: each method at its best learning rate by mean token-accuracy AURAC."""
     best = best_by_aurac({lr: s["token_acc"] for lr, s in sweeps.items()})
-    first = next(iter(sweeps.values()))[metric]
-    lines = [f"{METRICS[metric]} ({metric}, %), mean over seeds {seeds}; pretrained: {100 * first['pretrained']:.1f}",
-             "", "| method | lr | steps | passes | " + " | ".join(f"r={k}" for k in RANKS) + " | AURAC | log-AURAC |",
+    return {m: (lr, {metric: sweeps[lr][metric]["methods"][m] for metric in METRICS}) for m, (lr, _) in best.items()}
+
+
+def table(chosen: dict, metric: str, seeds: list[int], pretrained: dict) -> str:
+    lines = [f"{METRICS[metric]} ({metric}, %), mean over seeds {seeds}; pretrained: {100 * pretrained[metric]:.1f}",
+             "", "| method | lr | steps | passes | " + " | ".join(f"r={k}" for k in RANKS) + " | AURAC ± sd | log-AURAC |",
              "|" + "---|" * (len(RANKS) + 6)]
-    rows = [(m, lr, sweeps[lr][metric]["methods"][m]) for m, (lr, _) in best.items()]
+    rows = [(m, lr, entries[metric]) for m, (lr, entries) in chosen.items()]
     for m, lr, e in sorted(rows, key=lambda r: -r[2]["aurac"]):
         passes = e["steps"] * WORK.get(m, 1)
         cells = " | ".join(f"{100 * v:.1f}" for v in e["per_rank"])
-        lines.append(f"| {m} | {lr:g} | {e['steps']} | {passes} | {cells} | {100 * e['aurac']:.1f} | "
+        lines.append(f"| {m} | {lr:g} | {e['steps']} | {passes} | {cells} | {100 * e['aurac']:.1f}{spread(e)} | "
                      f"{100 * e['log_aurac']:.1f} |")
     return "\n".join(lines)
 
@@ -111,7 +139,9 @@ def main() -> None:
     p.add_argument("--output_dir", default="runs/study-gsm8k")
     p.add_argument("--lrs", default="1e-3,3e-3",
                    help="learning rates, each optionally limited to some methods: 1e-3,3e-3,9e-3:dylora+lora")
-    p.add_argument("--seeds", default="0")
+    p.add_argument("--seeds", default="0", help="seeds of the learning-rate sweep")
+    p.add_argument("--confirm_seeds", default="",
+                   help="more seeds, run only at each method's best learning rate on --seeds; tables average all seeds")
     p.add_argument("--methods", default=",".join(METHODS))
     p.add_argument("--budget", type=int, default=96, help="forward/backward passes of 4 examples per run")
     p.add_argument("--limit", type=int, default=64, help="GSM8K test problems evaluated")
@@ -120,27 +150,40 @@ def main() -> None:
     args = p.parse_args()
     lrs = parse_lrs(args.lrs, args.methods.split(","))
     seeds = [int(s) for s in args.seeds.split(",")]
+    confirm = [int(s) for s in args.confirm_seeds.split(",") if s]
     started = time.perf_counter()
     sweeps, pretrained_from = {}, None
     for lr, methods in lrs.items():
         sweeps[lr], pretrained_from = run_lr(args, lr, seeds, methods, pretrained_from)
+    chosen = choose(sweeps)
+    if confirm:  # the learning rate is chosen on --seeds alone, so the extra seeds do not pick their own winner
+        by_lr = {}
+        for m, (lr, _) in chosen.items():
+            by_lr.setdefault(lr, []).append(m)
+        for lr, methods in by_lr.items():
+            trained = list(dict.fromkeys("matryoshka" if m == PREFIX else m for m in methods))
+            s, pretrained_from = run_lr(args, lr, seeds + confirm, trained, pretrained_from)
+            chosen.update({m: (lr, {metric: s[metric]["methods"][m] for metric in METRICS}) for m in methods})
+    all_seeds = seeds + confirm
+    pretrained = {metric: s["pretrained"] for metric, s in next(iter(sweeps.values())).items()}
     machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores"
-    text = "\n\n".join([table(sweeps, "token_acc", seeds), table(sweeps, "exact_match_strict", seeds),
-                        "All learning rates (AURAC, mean over seeds):", all_lrs(sweeps),
+    chosen_by = f"learning rate chosen on seeds {seeds}" + (f", then run with seeds {confirm} too" if confirm else "")
+    text = "\n\n".join([table(chosen, "token_acc", all_seeds, pretrained),
+                        table(chosen, "exact_match_strict", all_seeds, pretrained), chosen_by,
+                        f"All learning rates (AURAC, mean over seeds {seeds}):", all_lrs(sweeps),
                         f"budget {args.budget} passes of 4 examples, {args.limit} test problems; measured on {machine} "
                         f"in {(time.perf_counter() - started) / 60:.0f} min"]) + "\n"
     with open(os.path.join(args.output_dir, "study.md"), "w") as f:
         f.write(text)
     with open(os.path.join(args.output_dir, "study.json"), "w") as f:
-        json.dump({str(lr): s for lr, s in sweeps.items()}, f, indent=2)
-    best = best_by_aurac({lr: s["token_acc"] for lr, s in sweeps.items()})
-    first = next(iter(sweeps.values()))["token_acc"]
-    curves = {f"{m} (lr {lr:g}, {e['steps']} steps)": [100 * v for v in e["per_rank"]] for m, (lr, e) in best.items()}
-    plot_rank_curves(curves, RANKS, 100 * first["pretrained"], "answer-token accuracy (%)",
-                     f"GSM8K, SmolLM2-135M, R=8, {args.budget} passes each, seeds {seeds}",
+        json.dump({"sweeps": {str(lr): s for lr, s in sweeps.items()},
+                   "chosen": {m: {"lr": lr, **entries} for m, (lr, entries) in chosen.items()}}, f, indent=2)
+    curves = {f"{m} (lr {lr:g}, {e['token_acc']['steps']} steps)": [100 * v for v in e["token_acc"]["per_rank"]]
+              for m, (lr, e) in chosen.items()}
+    plot_rank_curves(curves, RANKS, 100 * pretrained["token_acc"], "answer-token accuracy (%)",
+                     f"GSM8K, SmolLM2-135M, R=8, {args.budget} passes each, seeds {all_seeds}",
                      os.path.join(args.output_dir, "study.png"))
     print(text)
-
 
 if __name__ == "__main__":
     main()

@@ -123,7 +123,8 @@ def _json_ready(d: dict) -> dict:
     return {k: (sorted(v) if isinstance(v, set) else v) for k, v in d.items()}
 
 
-def export_rank(model_or_dir, rank: int, out_dir, merge: bool = False, base_model=None) -> str:
+def export_rank(model_or_dir, rank: int, out_dir, merge: bool = False, base_model=None,
+                inference: str | None = None) -> str:
     """Write rank ``rank`` as a standard PEFT LoRA adapter (or, with ``merge``, a full merged model).
 
     The adapter holds A[:k] and s_k·B[:, :k] (``inference="prefix"``: B[:, :k]·P[:k]) with
@@ -136,11 +137,16 @@ def export_rank(model_or_dir, rank: int, out_dir, merge: bool = False, base_mode
         out_dir: the folder to write (replaced atomically: written beside it, then renamed).
         merge: write the base model with s_k·B[:, :k]A[:k] merged into its weights instead.
         base_model: the base model to merge into when ``model_or_dir`` is a folder.
+        inference: "paper" or "prefix" to read the trained weights under that rule instead of the run's own.
 
     Returns:
         ``out_dir``.
+
+    Raises:
+        InvalidInput: ``rank`` outside 1..R, or an ``inference`` the run's method cannot use.
     """
     config, peft_config, weights = _source(model_or_dir)
+    config = config.read_as(inference)
     check_inference_rank(config.rank, rank)
     sliced = slice_weights(weights, rank, inference_gate(config, rank)[:rank])
     peft_config = dict(peft_config, r=rank, lora_alpha=rank, rank_pattern={}, alpha_pattern={})
@@ -153,11 +159,13 @@ def export_rank(model_or_dir, rank: int, out_dir, merge: bool = False, base_mode
     return os.fspath(out_dir)
 
 
-def export_all_ranks(model_or_dir, out_dir, ranks=None, merge: bool = False, base_model=None) -> dict[int, str]:
+def export_all_ranks(model_or_dir, out_dir, ranks=None, merge: bool = False, base_model=None,
+                     inference: str | None = None) -> dict[int, str]:
     """``export_rank`` for every rank (default: the train ranks) into ``out_dir/rank-{k}``."""
     config = _source(model_or_dir)[0] if ranks is None else None
     ranks = list(ranks) if ranks is not None else config.train_ranks
-    return {k: export_rank(model_or_dir, k, os.path.join(out_dir, f"rank-{k}"), merge, base_model) for k in ranks}
+    return {k: export_rank(model_or_dir, k, os.path.join(out_dir, f"rank-{k}"), merge, base_model, inference)
+            for k in ranks}
 
 
 def _export_merged(model_or_dir, peft_config, sliced, out_dir, base_model) -> str:

@@ -128,6 +128,17 @@ class MatryoshkaConfig:
             out.append(f"sandwich_n={self.sandwich_n!r} is not valid; give an integer >= 0")
         return out
 
+    def read_as(self, inference: str | None) -> "MatryoshkaConfig":
+        """This config under another inference rule (None: unchanged). The trained weights do not depend on it,
+        so a run trained with one rule can be evaluated or exported under the other.
+
+        Raises:
+            InvalidInput: an unknown rule, or "prefix" for a method that trains no single function.
+        """
+        if inference is None or inference == self.inference:
+            return self
+        return dataclasses.replace(self, inference=inference)
+
     def lambdas(self) -> list[float]:
         """λ_r per train rank: ``weights``, else 1/|S| with ``p_normalize``, else 1 (Algorithm 1)."""
         if self.weights is not None:

@@ -21,6 +21,7 @@ not change the results (see ``generate.py``). A rank's ``seconds`` is the wall t
 computed it divided by the ranks in that pass (a stacked pass is shared).
 """
 import argparse
+import contextlib
 import hashlib
 import json
 import math
@@ -229,8 +230,9 @@ def file_digest(path: str) -> str:
 def settings_hash(settings: dict, items: list[dict], with_adapter: bool) -> str:
     """What a stored rank result depends on: settings, every prompt and reference, and the adapter weights."""
     keys = dict(settings)
-    if not with_adapter:
+    if not with_adapter:  # the base model's score is the same whatever the adapter and its inference rule
         keys.pop("adapter_sha256", None)
+        keys.pop("inference", None)
     payload = json.dumps({"settings": keys, "items": items}, sort_keys=True, default=str)
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
@@ -279,6 +281,19 @@ def load_model(run_dir: str, dtype: str, device, attn_implementation: str | None
     return model, tokenizer, train_config
 
 
+@contextlib.contextmanager
+def read_as_rule(model, config):
+    """Evaluate ``model`` under ``config``'s inference rule, then give it back its own config."""
+    from .model import matryoshka_state
+
+    state = matryoshka_state(model)
+    own, state.config = state.config, config
+    try:
+        yield model
+    finally:
+        state.config = own
+
+
 def default_device() -> str:
     import torch
 
@@ -290,7 +305,7 @@ def evaluate_run(run_dir: str, task: str | None = None, ranks=None, shots: int |
                  stacked: bool = True, dtype: str = "float32", device: str | None = None,
                  attn_implementation: str | None = "eager", fewshot_data: str | None = None,
                  fewshot_seed: int = 1234, include_path: str | None = None, metric: str | None = None,
-                 stop=(), progress: bool = True, model_and_tokenizer=None) -> dict:
+                 stop=(), progress: bool = True, model_and_tokenizer=None, inference: str | None = None) -> dict:
     """Evaluate a run at rank 0 (the base model) and every requested rank; write eval.json, eval.md, the plot.
 
     Args:
@@ -314,6 +329,8 @@ def evaluate_run(run_dir: str, task: str | None = None, ranks=None, shots: int |
         stop: stop strings added to the task's (e.g. "\\n\\n" to end zero-shot gsm8k answers at a blank line).
         progress: show progress bars.
         model_and_tokenizer: an already loaded (model, tokenizer) of this run, to skip loading.
+        inference: "paper" or "prefix" to read the trained weights under that rule instead of the run's own
+            (results then go to ``RUN_DIR/eval-<inference>`` by default).
 
     Returns:
         The eval.json dict.
@@ -323,6 +340,11 @@ def evaluate_run(run_dir: str, task: str | None = None, ranks=None, shots: int |
     """
     _check_options(shots, limit, batch_size, max_new_tokens)
     config, ranks = check_run(run_dir, ranks)
+    trained_as = config.inference
+    try:
+        config = config.read_as(inference)
+    except ValueError as e:
+        raise UserError(f"--inference {inference!r}: {e}") from None
     from .models import read_train_config
 
     train_config = read_train_config(run_dir)
@@ -330,13 +352,16 @@ def evaluate_run(run_dir: str, task: str | None = None, ranks=None, shots: int |
     if not task:
         raise UserError(f"--task not given and {run_dir}/train_config.yaml names no data; "
                         "give --task gsm8k, arithmetic, a JSONL file or lm-eval:<task>")
-    output_dir = output_dir or os.path.join(run_dir, "eval")
+    read_as = config.inference if config.inference != trained_as else None
+    output_dir = output_dir or os.path.join(run_dir, f"eval-{read_as}" if read_as else "eval")
     settings = {
         "format": FORMAT_VERSION, "task": task, "shots": shots, "limit": limit, "max_new_tokens": max_new_tokens,
         "fewshot_seed": fewshot_seed, "stop": list(stop), "dtype": dtype, "attn_implementation": attn_implementation,
         "base_model": train_config.get("model_path") or train_config.get("model"),
         "adapter_sha256": file_digest(os.path.join(run_dir, "adapter_model.safetensors")),
     }
+    if read_as:  # only then, so results stored before this option existed still match
+        settings["inference"] = read_as
     lm_eval_task = task[len("lm-eval:"):] if task.startswith("lm-eval:") else None
     if lm_eval_task is not None:
         from . import lmeval
@@ -362,21 +387,23 @@ def evaluate_run(run_dir: str, task: str | None = None, ranks=None, shots: int |
                                                              attn_implementation)[:2]
         max_length = getattr(model.config, "max_position_embeddings", None)
         groups = [[k] for k in pending] if lm_eval_task is not None else rank_passes(pending, stacked)
-        for group in groups:
-            if lm_eval_task is not None:
-                new = {group[0]: lmeval.evaluate_rank(model, tokenizer, lm_eval_task, group[0], shots=shots,
-                                                      limit=limit, batch_size=batch_size, include_path=include_path,
-                                                      metric=metric, max_new_tokens=max_new_tokens,
-                                                      manager=manager)}
-            else:
-                opts = dict(batch_size=batch_size, max_new_tokens=max_new_tokens, max_length=max_length,
-                            stop=stop_strings(kind, tokenizer, stop), progress=progress)
-                new = run_group(model, tokenizer, {"kind": kind, "items": items}, group, opts)
-            for k, record in new.items():
-                record["settings_hash"] = hashes[k]
-                write_json(rank_file(output_dir, k), record, indent=1)
-                records[k] = record
+        with read_as_rule(model, config):
+            for group in groups:
+                if lm_eval_task is not None:
+                    new = {group[0]: lmeval.evaluate_rank(model, tokenizer, lm_eval_task, group[0], shots=shots,
+                                                          limit=limit, batch_size=batch_size,
+                                                          include_path=include_path, metric=metric,
+                                                          max_new_tokens=max_new_tokens, manager=manager)}
+                else:
+                    opts = dict(batch_size=batch_size, max_new_tokens=max_new_tokens, max_length=max_length,
+                                stop=stop_strings(kind, tokenizer, stop), progress=progress)
+                    new = run_group(model, tokenizer, {"kind": kind, "items": items}, group, opts)
+                for k, record in new.items():
+                    record["settings_hash"] = hashes[k]
+                    write_json(rank_file(output_dir, k), record, indent=1)
+                    records[k] = record
     result = summarize(task, kind, ranks, records, settings, config, run_dir, stacked)
+    result.update(inference=config.inference, output_dir=os.path.abspath(output_dir))
     result["seconds_total"] = round(time.perf_counter() - started, 3)
     write_outputs(result, output_dir)
     return result
@@ -545,6 +572,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--metric", default=None,
                    help="primary metric of an lm-eval task, e.g. acc,none (default: the first present of "
                         "exact_match,strict-match, acc_norm,none, acc,none, exact_match,none)")
+    p.add_argument("--inference", default=None, choices=("paper", "prefix"),
+                   help="read the weights as rank k = s_k·A_k B_k (paper) or as the truncation of the trained "
+                        "function (prefix; matryoshka and lora runs) instead of the run's own rule; results go to "
+                        "RUN_DIR/eval-<rule>")
     p.add_argument("--no_progress", action="store_true", help="hide progress bars")
     return p
 
@@ -557,8 +588,9 @@ def main(argv) -> int:
         stacked=not args.sequential, dtype=args.dtype, device=args.device,
         attn_implementation=None if args.attn_implementation == "model" else args.attn_implementation,
         fewshot_data=args.fewshot_data, fewshot_seed=args.fewshot_seed, include_path=args.include_path,
-        metric=args.metric, stop=[_unescape(t) for t in args.stop], progress=not args.no_progress)
-    out = args.output_dir or os.path.join(args.run_dir, "eval")
+        metric=args.metric, stop=[_unescape(t) for t in args.stop], progress=not args.no_progress,
+        inference=args.inference)
+    out = args.output_dir or os.path.relpath(result["output_dir"])
     print(markdown_table(result).split("\n\n")[2])
     print(f"wrote {out}/eval.json, eval.md, rank_curve.png")
     return 0

@@ -3,7 +3,7 @@ import argparse
 import os
 
 from .adapter_io import export_rank
-from .config import MatryoshkaConfig
+from .config import INFERENCES, MatryoshkaConfig
 from .errors import ArgumentParser, UserError
 from .evaluate import parse_ranks
 
@@ -20,6 +20,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output_dir", default=None, help="where to write rank-K/ folders (default: RUN_DIR/export)")
     p.add_argument("--merge", action="store_true", help="write merged full models instead of adapters "
                                                         "(loads the run's base model)")
+    p.add_argument("--inference", default=None, choices=INFERENCES,
+                   help="read the weights as rank k = s_k·A_k B_k (paper) or as the truncation of the trained "
+                        "function (prefix; matryoshka and lora runs) instead of the run's own rule")
     return p
 
 
@@ -27,7 +30,7 @@ def main(argv) -> int:
     args = build_parser().parse_args(argv)
     if not os.path.isdir(args.run_dir):
         raise UserError(f"run folder {args.run_dir!r} not found")
-    config = MatryoshkaConfig.load(args.run_dir)
+    config = MatryoshkaConfig.load(args.run_dir).read_as(args.inference)
     ranks = parse_ranks(args.ranks) or config.train_ranks
     bad = [k for k in ranks if not 1 <= k <= config.rank]
     if bad:
@@ -39,7 +42,7 @@ def main(argv) -> int:
 
         source = load_run(args.run_dir)[0]
     for k in ranks:
-        path = export_rank(source, k, os.path.join(out, f"rank-{k}"), merge=args.merge)
+        path = export_rank(source, k, os.path.join(out, f"rank-{k}"), merge=args.merge, inference=args.inference)
         print(f"rank {k}: {path}")
     what = "merged model" if args.merge else "PEFT adapter"
     print(f"wrote {len(ranks)} {what}(s) under {out}")

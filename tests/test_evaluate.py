@@ -212,3 +212,37 @@ def test_fewshot_from_a_file_needs_exemplars(gsm_dir, run_dir, tmp_path, capsys)
     code = cli_main(["eval", run_dir, "--task", os.path.join(gsm_dir, "test.jsonl"), "--shots", "2",
                      "--output_dir", str(tmp_path / "o")] + FAST)
     assert code == 2 and "--fewshot_data" in capsys.readouterr().err
+
+
+def copy_run(run_dir, to, **config):
+    """A copy of the run's folder (no eval results), with some matryoshka_config.json fields changed."""
+    shutil.copytree(run_dir, to, ignore=shutil.ignore_patterns("eval*"))
+    path = os.path.join(to, "matryoshka_config.json")
+    values = read(path) | config
+    with open(path, "w") as f:
+        json.dump(values, f)
+    return str(to)
+
+
+def test_eval_under_the_other_inference_rule(run_dir, gsm_dir, tmp_path):
+    """--inference prefix on a run saved as "paper" gives what a run saved as "prefix" gives, in eval-prefix/."""
+    paper, prefix = copy_run(run_dir, tmp_path / "paper"), copy_run(run_dir, tmp_path / "prefix", inference="prefix")
+    kwargs = dict(task=gsm_dir, ranks=[1, 2, 8], max_new_tokens=4, batch_size=3, progress=False)
+    read_as = evaluate_run(paper, inference="prefix", **kwargs)
+    assert read_as["inference"] == "prefix" and read_as["output_dir"] == os.path.join(paper, "eval-prefix")
+    assert os.path.isfile(os.path.join(paper, "eval-prefix", "eval.json"))
+    assert not os.path.exists(os.path.join(paper, "eval"))
+    saved_as = evaluate_run(prefix, **kwargs)
+    assert saved_as["inference"] == "prefix" and saved_as["output_dir"] == os.path.join(prefix, "eval")
+    assert [r["metrics"] for r in read_as["per_rank"]] == [r["metrics"] for r in saved_as["per_rank"]]
+    own = evaluate_run(paper, **kwargs)  # P = [4, 3, 2, 2, 1, ...] against s_k = 1: every rank's loss differs
+    assert own["inference"] == "paper" and own["pretrained_metrics"] == read_as["pretrained_metrics"]
+    assert all(a["metrics"]["loss"] != b["metrics"]["loss"] for a, b in zip(own["per_rank"], read_as["per_rank"]))
+
+
+def test_eval_inference_the_method_cannot_use_exits_2(run_dir, gsm_dir, tmp_path, capsys):
+    dylora = copy_run(run_dir, tmp_path / "dylora", method="dylora")
+    code = cli_main(["eval", dylora, "--task", gsm_dir, "--inference", "prefix"] + FAST)
+    err = capsys.readouterr().err
+    assert code == 2 and "--inference 'prefix'" in err and "needs method matryoshka or lora" in err
+    assert "Traceback" not in err and not os.path.exists(os.path.join(dylora, "eval-prefix"))

@@ -46,3 +46,24 @@ def test_export_bad_input(run, tmp_path, capsys, args, message):
 def test_export_missing_run(tmp_path, capsys):
     assert main(["export", str(tmp_path / "nope")]) == 2
     assert "not found" in capsys.readouterr().err
+
+
+def test_export_under_the_other_inference_rule(run, tiny_llama_dir, tmp_path):
+    """--inference prefix folds P[:k] into B: stock PEFT then matches the model read under the prefix rule."""
+    out, model = run
+    assert main(["export", str(out), "--ranks", "2", "--inference", "prefix", "--output_dir", str(tmp_path)]) == 0
+    stock = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_llama_dir), tmp_path / "rank-2").eval()
+    ids = torch.randint(0, 100, (2, 6))
+    state, paper = model.matryoshka, model.matryoshka.config
+    with torch.no_grad():
+        with use_rank(model, 2):
+            as_paper = model(ids).logits
+        state.config = paper.read_as("prefix")  # before use_rank, which sets the gates from the config
+        try:
+            with use_rank(model, 2):
+                as_prefix = model(ids).logits
+        finally:
+            state.config = paper
+        got = stock(ids).logits
+    torch.testing.assert_close(got, as_prefix, atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(got, as_paper, atol=1e-3)  # P[:2] = [2.08, 1.08] (sqrt scaling), not s_2 = 0.71

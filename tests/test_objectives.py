@@ -31,6 +31,19 @@ def test_bad_objective_config(kwargs, match):
         MatryoshkaConfig(rank=8, **kwargs)
 
 
+def test_read_as_another_inference_rule():
+    c = MatryoshkaConfig(rank=8, scaling="sqrt", weights=[4, 3, 2, 1])
+    assert c.read_as(None) is c and c.read_as("paper") is c
+    prefix = c.read_as("prefix")
+    assert prefix.inference == "prefix" and c.inference == "paper"
+    assert {k: v for k, v in vars(prefix).items() if k != "inference"} == \
+        {k: v for k, v in vars(c).items() if k != "inference"}
+    with pytest.raises(ValueError, match="inference='prefix' needs method matryoshka or lora"):
+        MatryoshkaConfig(rank=8, method="dylora").read_as("prefix")
+    with pytest.raises(ValueError, match="inference='suffix' is not valid; choose one of paper, prefix"):
+        c.read_as("suffix")
+
+
 @pytest.mark.parametrize("scaling", ["none", "sqrt"])
 def test_prefix_inference_truncates_the_trained_function(tmp_path, scaling):
     model = wrapped(scaling=scaling, inference="prefix")
