@@ -2,8 +2,9 @@
 
 Every method gets the same budget of forward/backward passes (batch 4): `matryoshka`, `dylora` and `lora` train
 for BUDGET optimizer steps, `sandwich` (n = 1: ranks R, 1 and one drawn) for BUDGET / 3, `matryoshka-exact` for
-BUDGET / |S|; `lora-svd` re-factors the `lora` run. Each run is evaluated on the first LIMIT GSM8K test problems
-at ranks 1, 2, 4, 8 by answer-token accuracy (teacher-forced: the share of the reference answer's tokens the
+BUDGET / |S|; `lora-svd` re-factors the `lora` run and `matryoshka-prefix` reads the `matryoshka` run with
+`inference: prefix` (the truncation of the trained function). Each run is evaluated on the first LIMIT GSM8K
+test problems at ranks 1, 2, 4, 8 by answer-token accuracy (teacher-forced: the share of the reference answer's tokens the
 model predicts, the metric of the issue's reference run) and by 0-shot greedy exact match (lm-eval's strict
 `#### N` filter). Each method is reported at its best learning rate by mean token-accuracy AURAC over --seeds;
 --confirm_seeds are then run only at that learning rate, and the tables average every seed (± the standard
@@ -26,16 +27,15 @@ import os
 import platform
 import time
 
-from study_objectives import best_by_aurac
+from study_objectives import PREFIX, best_by_aurac, prefix_entry
 
-from matryoshka_lora.compare import aggregate, compare, share_pretrained
-from matryoshka_lora.evaluate import evaluate_run, plot_rank_curves
+from matryoshka_lora.compare import compare
+from matryoshka_lora.evaluate import plot_rank_curves
 
 METHODS = ["matryoshka", "matryoshka-exact", "sandwich", "dylora", "lora", "lora-svd"]
 RANKS = [1, 2, 4, 8]
 # forward/backward passes per optimizer step: |S| stacked ranks for exact, R + smallest + n = 1 drawn for sandwich
 WORK = {"matryoshka-exact": len(RANKS), "sandwich": 3}
-PREFIX = "matryoshka-prefix"  # the matryoshka runs read with inference "prefix": no training of its own
 METRICS = {"token_acc": "answer-token accuracy", "exact_match_strict": "0-shot exact match"}
 
 
@@ -68,23 +68,16 @@ def run_lr(args, lr: float, seeds: list[int], methods: list[str], pretrained_fro
             merged = out.setdefault(metric, {k: v for k, v in s.items() if k != "methods"} | {"methods": {}})
             merged["methods"].update({m: e | {"steps": steps} for m, e in s["methods"].items()})
     if "matryoshka" in methods:
-        add_prefix(args, lr, seeds, ev, out, pretrained_from)
+        add_prefix(args, lr, seeds, ev, out)
     return out, pretrained_from
 
 
-def add_prefix(args, lr: float, seeds: list[int], ev: dict, out: dict, pretrained_from: str) -> None:
-    """Evaluate the matryoshka runs at ``lr`` with inference "prefix" (rank k = W0 + Σ_{i≤k} P_i b_i a_iᵀ, the
-    truncation of the function trained) and add them to ``out`` as ``PREFIX``."""
+def add_prefix(args, lr: float, seeds: list[int], ev: dict, out: dict) -> None:
+    """Add the matryoshka runs at ``lr`` read with inference "prefix" to ``out`` as ``PREFIX``."""
     steps = steps_of("matryoshka", args.budget)
-    folder = os.path.join(args.output_dir, f"lr-{lr:g}", f"steps-{steps}", "matryoshka")
-    results = {}
-    for seed in seeds:
-        eval_dir = os.path.join(folder, f"seed-{seed}", "eval-prefix")
-        share_pretrained(pretrained_from, eval_dir)
-        results[seed] = evaluate_run(os.path.dirname(eval_dir), output_dir=eval_dir, inference="prefix", **ev)
-    for metric in METRICS:
-        entry = aggregate({PREFIX: results}, [PREFIX], seeds, metric)["methods"][PREFIX]
-        out[metric]["methods"][PREFIX] = entry | {"steps": steps}
+    folder = os.path.join(args.output_dir, f"lr-{lr:g}", f"steps-{steps}")
+    for metric in METRICS:  # the second metric re-reads the saved evaluations
+        out[metric]["methods"][PREFIX] = prefix_entry(folder, seeds, ev, metric) | {"steps": steps}
 
 
 def spread(e: dict) -> str:

@@ -2,7 +2,8 @@
 
 Each method is trained at every learning rate of a small sweep and every seed through `compare`, evaluated by
 greedy generation exact match at ranks 1, 2, 4, 8; each method is then reported at its own best learning rate
-by mean AURAC (the paper's protocol). Finished runs are reused, so the script can be stopped and rerun.
+by mean AURAC (the paper's protocol). `matryoshka-prefix` is the `matryoshka` runs read with `inference: prefix`
+(evaluated, not trained). Finished runs are reused, so the script can be stopped and rerun.
 
     python benchmarks/study_objectives.py --output_dir runs/study            # the sweep (about 1 hour, 2 cores)
     python benchmarks/study_objectives.py --output_dir runs/study --equal_compute   # + single-function methods
@@ -19,8 +20,8 @@ import os
 import platform
 import time
 
-from matryoshka_lora.compare import SVD, compare, markdown
-from matryoshka_lora.evaluate import plot_rank_curves
+from matryoshka_lora.compare import SVD, aggregate, compare, markdown, share_pretrained
+from matryoshka_lora.evaluate import evaluate_run, plot_rank_curves
 
 METHODS = ["matryoshka", "matryoshka-exact", "sandwich", "dylora", "lora", "lora-svd"]
 TRAIN = {
@@ -29,8 +30,22 @@ TRAIN = {
     "warmup_steps": 5, "logging_steps": 10, "save_steps": 0, "sandwich_n": 1,
 }
 EVAL = {"task": "arithmetic", "limit": 48, "batch_size": 48, "max_new_tokens": 48}
+PREFIX = "matryoshka-prefix"  # the matryoshka runs read with inference "prefix": no training of its own
 # Work per step relative to one forward/backward: |S| = 4 ranks for matryoshka-exact, 3 for sandwich (n = 1).
 WORK = {"matryoshka-exact": 4, "sandwich": 3}
+
+
+def prefix_entry(folder: str, seeds: list[int], eval_options: dict, metric: str | None = None) -> dict:
+    """The ``matryoshka`` runs in ``folder`` read with inference "prefix" (rank k = W0 + Σ_{i≤k} P_i b_i a_iᵀ, the
+    truncation of the function trained; no retraining), evaluated into each run's eval-prefix/ and aggregated as
+    ``compare`` aggregates a method."""
+    results = {}
+    for seed in seeds:
+        run_dir = os.path.join(folder, "matryoshka", f"seed-{seed}")
+        eval_dir = os.path.join(run_dir, "eval-prefix")
+        share_pretrained(os.path.join(run_dir, "eval"), eval_dir)
+        results[seed] = evaluate_run(run_dir, output_dir=eval_dir, inference="prefix", **eval_options)
+    return aggregate({PREFIX: results}, [PREFIX], seeds, metric)["methods"][PREFIX]
 
 
 def best_by_aurac(sweeps: dict) -> dict:
@@ -93,6 +108,9 @@ def main() -> None:
     started = time.perf_counter()
     sweeps = {lr: compare(None, methods, seeds, os.path.join(args.output_dir, f"lr-{lr:g}"),
                           dict(TRAIN, learning_rate=lr), EVAL) for lr in lrs}
+    if "matryoshka" in methods:
+        for lr, summary in sweeps.items():
+            summary["methods"][PREFIX] = prefix_entry(os.path.join(args.output_dir, f"lr-{lr:g}"), seeds, EVAL)
     extra = {}
     if args.equal_compute:
         best = best_by_aurac(sweeps)
@@ -107,6 +125,9 @@ def main() -> None:
                 s = compare(None, group, ec_seeds, os.path.join(args.output_dir, folder),
                             dict(TRAIN, learning_rate=lr, max_steps=steps), EVAL)
                 extra.update({f"{g} ({factor}x steps)": (lr, steps, s["methods"][g]) for g in group})
+                if m == "matryoshka":
+                    entry = prefix_entry(os.path.join(args.output_dir, folder), ec_seeds, EVAL)
+                    extra[f"{PREFIX} ({factor}x steps)"] = (lr, steps, entry)
     text = report(sweeps, seeds, extra)
     if extra:
         text += f"\nrows with (Nx steps): the single-function methods trained N times as many steps, mean over seeds {ec_seeds}\n"
