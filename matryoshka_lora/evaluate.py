@@ -467,22 +467,32 @@ def markdown_table(result: dict) -> str:
 
 def plot_rank_curves(curves: dict, ranks, pretrained: float, metric: str, title: str, path: str) -> None:
     """One line per label in ``curves`` ({label: values per rank}) on a log2 rank axis, the base model as a
-    dashed line; written atomically to ``path``."""
+    dashed line; written atomically to ``path``. Labels "METHOD (variant)" share METHOD's colour and differ in
+    line style, so a plot of many runs stays readable."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
+    many = len(curves) > 6
+    fig, ax = plt.subplots(figsize=(8.5 if many else 6, 4), dpi=120)
+    colours, styles = plt.get_cmap("tab10").colors, ["o-", "s--", "^:", "d-."]
+    methods, variants = list(dict.fromkeys(label.split(" (")[0] for label in curves)), {}
     for label, values in curves.items():
-        ax.plot(ranks, values, "o-", label=label)
+        m = label.split(" (")[0]
+        variants[m] = variants.get(m, -1) + 1
+        ax.plot(ranks, values, styles[variants[m] % len(styles)], color=colours[methods.index(m) % len(colours)],
+                label=label)
     ax.axhline(pretrained, color="gray", linestyle="--", label="pretrained")
     ax.set_xscale("log", base=2)
     ax.set_xticks(ranks, [str(k) for k in ranks])
     ax.set_xlabel("rank")
     ax.set_ylabel(metric)
     ax.set_title(title, fontsize=9)
-    ax.legend(fontsize=8)
+    if many:  # beside the axes, where it hides no curve
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1))
+    else:
+        ax.legend(fontsize=8)
     fig.tight_layout()
     tmp = path + ".tmp.png"
     fig.savefig(tmp)
