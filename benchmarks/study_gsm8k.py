@@ -29,8 +29,8 @@ import time
 
 from study_objectives import PREFIX, best_by_aurac, prefix_entry
 
-from matryoshka_lora.compare import compare
-from matryoshka_lora.evaluate import plot_rank_curves
+from matryoshka_lora.compare import compare, over_seeds
+from matryoshka_lora.evaluate import default_eval_dir, plot_rank_curves
 
 METHODS = ["matryoshka", "matryoshka-exact", "sandwich", "dylora", "lora", "lora-svd"]
 RANKS = [1, 2, 4, 8]
@@ -49,35 +49,38 @@ def steps_of(method: str, budget: int) -> int:
     return max(1, budget // WORK.get(method, 1))
 
 
-def run_lr(args, lr: float, seeds: list[int], methods: list[str], pretrained_from: str | None) -> tuple[dict, str]:
+def run_lr(args, lr: float, seeds: list[int], methods: list[str], pretrained_from: str | None,
+           score_only: bool = False) -> tuple[dict, str]:
     """({metric: summary}, an eval folder holding the base model's score) at one learning rate: every method at
     its equal-compute number of steps. The base model's score is the same for every run: evaluated once (or taken
-    from ``pretrained_from``), then reused."""
+    from ``pretrained_from``), then reused. ``score_only``: answer-token accuracy alone, no generation."""
     groups = {}
     for m in methods:
         groups.setdefault(steps_of(m, args.budget), []).append(m)
     ev = {"task": args.data, "ranks": RANKS, "limit": args.limit, "batch_size": args.eval_batch_size,
-          "max_new_tokens": args.max_new_tokens}
+          "max_new_tokens": args.max_new_tokens, "score_only": score_only}
+    metrics = ["token_acc"] if score_only else list(METRICS)
     out = {}
     for steps, group in sorted(groups.items()):
         folder = os.path.join(args.output_dir, f"lr-{lr:g}", f"steps-{steps}")
         train = dict(train_settings(args), learning_rate=lr, max_steps=steps)
-        for metric in METRICS:  # the second pass only re-reads the saved evaluations
+        for metric in metrics:  # the second pass only re-reads the saved evaluations
             s = compare(None, group, seeds, folder, train, ev, metric=metric, pretrained_from=pretrained_from)
-            pretrained_from = pretrained_from or os.path.join(folder, group[0], f"seed-{seeds[0]}", "eval")
+            first_run = os.path.join(folder, group[0], f"seed-{seeds[0]}")
+            pretrained_from = pretrained_from or default_eval_dir(first_run, score_only=score_only)
             merged = out.setdefault(metric, {k: v for k, v in s.items() if k != "methods"} | {"methods": {}})
             merged["methods"].update({m: e | {"steps": steps} for m, e in s["methods"].items()})
     if "matryoshka" in methods:
-        add_prefix(args, lr, seeds, ev, out)
+        steps = steps_of("matryoshka", args.budget)
+        folder = os.path.join(args.output_dir, f"lr-{lr:g}", f"steps-{steps}")
+        for metric in metrics:  # the second metric re-reads the saved evaluations
+            out[metric]["methods"][PREFIX] = prefix_entry(folder, seeds, ev, metric) | {"steps": steps}
     return out, pretrained_from
 
 
-def add_prefix(args, lr: float, seeds: list[int], ev: dict, out: dict) -> None:
-    """Add the matryoshka runs at ``lr`` read with inference "prefix" to ``out`` as ``PREFIX``."""
-    steps = steps_of("matryoshka", args.budget)
-    folder = os.path.join(args.output_dir, f"lr-{lr:g}", f"steps-{steps}")
-    for metric in METRICS:  # the second metric re-reads the saved evaluations
-        out[metric]["methods"][PREFIX] = prefix_entry(folder, seeds, ev, metric) | {"steps": steps}
+def with_seeds(entry: dict, more: dict) -> dict:
+    """``entry`` (a method over some seeds) joined by ``more`` (the same method over other seeds)."""
+    return over_seeds(entry["per_seed"] | more["per_seed"]) | {"steps": entry["steps"]}
 
 
 def spread(e: dict) -> str:
@@ -135,6 +138,9 @@ def main() -> None:
     p.add_argument("--seeds", default="0", help="seeds of the learning-rate sweep")
     p.add_argument("--confirm_seeds", default="",
                    help="more seeds, run only at each method's best learning rate on --seeds; tables average all seeds")
+    p.add_argument("--confirm_score_only", action="store_true",
+                   help="evaluate the --confirm_seeds by answer-token accuracy alone (no generation, several times "
+                        "faster): the exact-match table then averages --seeds only")
     p.add_argument("--methods", default=",".join(METHODS))
     p.add_argument("--budget", type=int, default=96, help="forward/backward passes of 4 examples per run")
     p.add_argument("--limit", type=int, default=64, help="GSM8K test problems evaluated")
@@ -149,20 +155,30 @@ def main() -> None:
     for lr, methods in lrs.items():
         sweeps[lr], pretrained_from = run_lr(args, lr, seeds, methods, pretrained_from)
     chosen = choose(sweeps)
+    score_from = None  # the base model's score-only evaluation, shared like pretrained_from
     if confirm:  # the learning rate is chosen on --seeds alone, so the extra seeds do not pick their own winner
         by_lr = {}
         for m, (lr, _) in chosen.items():
             by_lr.setdefault(lr, []).append(m)
         for lr, methods in by_lr.items():
             trained = list(dict.fromkeys("matryoshka" if m == PREFIX else m for m in methods))
-            s, pretrained_from = run_lr(args, lr, seeds + confirm, trained, pretrained_from)
-            chosen.update({m: (lr, {metric: s[metric]["methods"][m] for metric in METRICS}) for m in methods})
+            if args.confirm_score_only:
+                s, score_from = run_lr(args, lr, confirm, trained, score_from, score_only=True)
+                chosen.update({m: (lr, chosen[m][1] | {"token_acc": with_seeds(chosen[m][1]["token_acc"],
+                                                                               s["token_acc"]["methods"][m])})
+                               for m in methods})
+            else:
+                s, pretrained_from = run_lr(args, lr, seeds + confirm, trained, pretrained_from)
+                chosen.update({m: (lr, {metric: s[metric]["methods"][m] for metric in METRICS}) for m in methods})
     all_seeds = seeds + confirm
+    em_seeds = seeds if args.confirm_score_only else all_seeds
     pretrained = {metric: s["pretrained"] for metric, s in next(iter(sweeps.values())).items()}
     machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores"
     chosen_by = f"learning rate chosen on seeds {seeds}" + (f", then run with seeds {confirm} too" if confirm else "")
+    if confirm and args.confirm_score_only:
+        chosen_by += " (evaluated by answer-token accuracy alone)"
     text = "\n\n".join([table(chosen, "token_acc", all_seeds, pretrained),
-                        table(chosen, "exact_match_strict", all_seeds, pretrained), chosen_by,
+                        table(chosen, "exact_match_strict", em_seeds, pretrained), chosen_by,
                         f"All learning rates (AURAC, mean over seeds {seeds}):", all_lrs(sweeps),
                         f"budget {args.budget} passes of 4 examples, {args.limit} test problems; measured on {machine} "
                         f"in {(time.perf_counter() - started) / 60:.0f} min"]) + "\n"

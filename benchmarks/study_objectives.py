@@ -21,7 +21,7 @@ import platform
 import time
 
 from matryoshka_lora.compare import SVD, aggregate, compare, markdown, share_pretrained
-from matryoshka_lora.evaluate import evaluate_run, plot_rank_curves
+from matryoshka_lora.evaluate import default_eval_dir, evaluate_run, plot_rank_curves
 
 METHODS = ["matryoshka", "matryoshka-exact", "sandwich", "dylora", "lora", "lora-svd"]
 TRAIN = {
@@ -42,8 +42,9 @@ def prefix_entry(folder: str, seeds: list[int], eval_options: dict, metric: str 
     results = {}
     for seed in seeds:
         run_dir = os.path.join(folder, "matryoshka", f"seed-{seed}")
-        eval_dir = os.path.join(run_dir, "eval-prefix")
-        share_pretrained(os.path.join(run_dir, "eval"), eval_dir)
+        score_only = eval_options.get("score_only", False)
+        eval_dir = default_eval_dir(run_dir, "prefix", score_only)
+        share_pretrained(default_eval_dir(run_dir, score_only=score_only), eval_dir)
         results[seed] = evaluate_run(run_dir, output_dir=eval_dir, inference="prefix", **eval_options)
     return aggregate({PREFIX: results}, [PREFIX], seeds, metric)["methods"][PREFIX]
 

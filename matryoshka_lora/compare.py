@@ -23,7 +23,7 @@ SVD_SOURCE = "svd_source.json"  # which LoRA adapter an SVD run was made from
 ALL_METHODS = METHODS + (SVD,)
 DEFAULT_METHODS = "dylora,matryoshka,lora,lora-svd"
 DEFAULT_SEEDS = "42,666,2408"  # the paper's
-EVAL_OPTIONS = ("task", "ranks", "shots", "limit", "batch_size", "max_new_tokens")
+EVAL_OPTIONS = ("task", "ranks", "shots", "limit", "batch_size", "max_new_tokens", "score_only")
 
 
 def parse_methods(text: str) -> list[str]:
@@ -101,11 +101,15 @@ def share_pretrained(first_eval_dir: str, eval_dir: str) -> None:
         shutil.copy2(src, dst)
 
 
-def check_metric(metric: str | None, lm_eval_task: bool) -> None:
-    """Fail before any training on a metric no built-in task reports (lm-eval tasks name their own)."""
-    from .evaluate import ACCURACY_METRICS
+def check_metric(metric: str | None, lm_eval_task: bool, score_only: bool = False) -> None:
+    """Fail before any training on a metric no built-in task reports (lm-eval tasks name their own), or one that
+    needs the generation ``score_only`` skips."""
+    from .evaluate import ACCURACY_METRICS, GENERATED_METRICS
 
     valid = sorted({m for names in ACCURACY_METRICS.values() for m in names})
+    if score_only and metric in GENERATED_METRICS:
+        raise UserError(f"--metric {metric!r} needs generation, which --score_only skips; choose token_acc (or acc, "
+                        "acc_norm for multiple choice), or leave --score_only out")
     if metric is not None and not lm_eval_task and metric not in valid:
         raise UserError(f"--metric {metric!r} is not valid; choose from {', '.join(valid)} (higher is better, so "
                         "AURAC ranks methods by it)")
@@ -131,23 +135,27 @@ def aggregate(results: dict, methods: list[str], seeds: list[int], metric: str |
     out = {"task": first["task"], "metric": metric or first["metric"], "ranks": ranks, "seeds": seeds,
            "pretrained": _metric_value(first, None, metric), "methods": {}}
     for m in methods:
-        per_seed = {s: results[m][s] for s in seeds}
-        curves = [[_metric_value(per_seed[s], r, metric) for r in per_seed[s]["per_rank"]] for s in seeds]
-        mean_curve = [statistics.fmean(c[i] for c in curves) for i in range(len(ranks))]
-        entry = {
-            "per_rank": mean_curve,
-            "aurac": statistics.fmean(aurac(ranks, c) for c in curves),
-            "per_seed": {str(s): {"per_rank": c, "aurac": aurac(ranks, c), "run_dir": per_seed[s]["run_dir"]}
-                         for s, c in zip(seeds, curves)},
-        }
-        if "log_aurac" in first:
-            entry["log_aurac"] = statistics.fmean(log_aurac(ranks, c) for c in curves)
-            for s, c in zip(seeds, curves):
-                entry["per_seed"][str(s)]["log_aurac"] = log_aurac(ranks, c)
-        if len(seeds) > 1:
-            entry["aurac_stdev"] = statistics.stdev(entry["per_seed"][str(s)]["aurac"] for s in seeds)
-        out["methods"][m] = entry
+        per_seed = {}
+        for s in seeds:
+            curve = [_metric_value(results[m][s], r, metric) for r in results[m][s]["per_rank"]]
+            per_seed[str(s)] = {"per_rank": curve, "aurac": aurac(ranks, curve), "run_dir": results[m][s]["run_dir"]}
+            if "log_aurac" in first:
+                per_seed[str(s)]["log_aurac"] = log_aurac(ranks, curve)
+        out["methods"][m] = over_seeds(per_seed)
     return out
+
+
+def over_seeds(per_seed: dict) -> dict:
+    """A method's entry from its per-seed entries ({seed: {"per_rank", "aurac", ["log_aurac"], "run_dir"}}): the
+    mean curve, mean AURAC and log-AURAC, and AURAC's sample standard deviation when there are several seeds."""
+    entries = list(per_seed.values())
+    entry = {"per_rank": [statistics.fmean(vs) for vs in zip(*(e["per_rank"] for e in entries))],
+             "aurac": statistics.fmean(e["aurac"] for e in entries), "per_seed": per_seed}
+    if all("log_aurac" in e for e in entries):
+        entry["log_aurac"] = statistics.fmean(e["log_aurac"] for e in entries)
+    if len(entries) > 1:
+        entry["aurac_stdev"] = statistics.stdev(e["aurac"] for e in entries)
+    return entry
 
 
 def _pct(x) -> str:
@@ -202,8 +210,9 @@ def compare(config_path: str | None, methods: list[str], seeds: list[int], outpu
         output_dir: runs go to ``output_dir/<method>/seed-<s>``; compare.json/.md/.png at the top.
         overrides: train config keys that win over the file (as ``--key value`` on the command line).
         eval_options: keyword arguments of ``evaluate_run`` (task, ranks, shots, limit, batch_size, ...).
-        metric: the per-rank metric tabulated (default: the task's primary, e.g. exact_match_strict for GSM8K);
-            "token_acc" is the teacher-forced accuracy of the reference answer's tokens.
+        metric: the per-rank metric tabulated (default: the task's primary, e.g. exact_match_strict for GSM8K,
+            or token_acc with ``score_only``); "token_acc" is the teacher-forced accuracy of the reference answer's
+            tokens.
         pretrained_from: the eval folder of an earlier run on the same base model, whose score of the base model
             every run here reuses when its settings match (as runs within one compare do).
 
@@ -211,12 +220,12 @@ def compare(config_path: str | None, methods: list[str], seeds: list[int], outpu
         UserError: a bad config, method, seed or metric (before anything is trained).
     """
     from . import train as train_mod
-    from .evaluate import evaluate_run
+    from .evaluate import default_eval_dir, evaluate_run
 
     file_values = train_mod.read_yaml(config_path) if config_path else {}
     overrides, eval_options = dict(overrides or {}), dict(eval_options or {})
     lm_eval_task = (eval_options.get("task") or "").startswith("lm-eval:")
-    check_metric(metric, lm_eval_task)
+    check_metric(metric, lm_eval_task, eval_options.get("score_only", False))
     if metric and lm_eval_task:
         eval_options["metric"] = metric  # lm-eval's own metric key becomes each rank's primary value
     for key in ("method", "seed", "output_dir"):
@@ -226,7 +235,7 @@ def compare(config_path: str | None, methods: list[str], seeds: list[int], outpu
     if SVD in methods and "lora" not in trained:
         trained.append("lora")
     started = time.perf_counter()
-    results, first_eval = {m: {} for m in methods}, pretrained_from
+    results, first_eval = {m: {} for m in methods + trained}, pretrained_from
     for seed in seeds:
         for m in trained + ([SVD] if SVD in methods else []):
             run_dir = os.path.join(output_dir, m, f"seed-{seed}")
@@ -236,7 +245,10 @@ def compare(config_path: str | None, methods: list[str], seeds: list[int], outpu
                              os.path.join(output_dir, "lora", f"seed-{seed}"), run_dir)
             else:
                 train_or_reuse(file_values, overrides, m, seed, run_dir, config_path or "command line")
-            eval_dir = os.path.join(run_dir, "eval")
+            if m not in methods:  # the lora run lora-svd was made from: nobody asked for its scores
+                results[m][seed] = {"run_dir": run_dir}
+                continue
+            eval_dir = default_eval_dir(run_dir, score_only=eval_options.get("score_only", False))
             if first_eval:
                 share_pretrained(first_eval, eval_dir)
             result = evaluate_run(run_dir, output_dir=eval_dir, **eval_options)
@@ -270,6 +282,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, default=None, help="evaluate the first N test examples (default: all)")
     p.add_argument("--eval_batch_size", dest="batch_size", type=int, default=16, help="prompts per eval batch")
     p.add_argument("--max_new_tokens", type=int, default=256, help="generation budget per answer")
+    p.add_argument("--score_only", action="store_true",
+                   help="evaluate by teacher-forced metrics alone (token_acc, loss; acc for multiple choice), without "
+                        "generation: several times faster, no exact match; into RUN_DIR/eval-score")
     p.add_argument("--metric", default=None,
                    help="the per-rank metric tabulated (default: the task's primary). Built-in tasks: "
                         "exact_match_strict, exact_match_flexible (gsm8k), exact_match (completion), acc, acc_norm "

@@ -40,6 +40,7 @@ PRIMARY = {"gsm8k": "exact_match_strict", "choice": "acc", "completion": "exact_
 # per-rank metrics where higher is better, so an area under the rank curve ranks methods (loss and ppl are not)
 ACCURACY_METRICS = {"gsm8k": ("exact_match_strict", "exact_match_flexible", "token_acc"),
                     "choice": ("acc", "acc_norm", "token_acc"), "completion": ("exact_match", "token_acc")}
+GENERATED_METRICS = ("exact_match_strict", "exact_match_flexible", "exact_match")  # need generation: not score_only
 DEFAULTS = dict(batch_size=8, max_new_tokens=256, fewshot_seed=1234, dtype="float32",
                 attn_implementation="eager")
 
@@ -136,7 +137,8 @@ def stop_strings(kind: str, tokenizer, extra=()) -> list[str]:
 
 
 def rank_metrics(kind: str, items, completions, scores) -> tuple[dict, list[dict]]:
-    """(metrics, per-item samples) of one rank from its completions and teacher-forced scores."""
+    """(metrics, per-item samples) of one rank from its completions and teacher-forced scores; ``completions``
+    None (score only): the teacher-forced metrics alone."""
     n = len(items)
     metrics, samples = {}, []
     if kind == "choice":
@@ -150,6 +152,8 @@ def rank_metrics(kind: str, items, completions, scores) -> tuple[dict, list[dict
             samples.append({"pred": pred, "pred_norm": pred_norm, "label": item["label"], "loglikelihoods": lls})
         metrics.update(acc=correct / n, acc_norm=correct_norm / n)
         gold = [per_choice[item["label"]] for item, per_choice in zip(items, scores)]
+    elif completions is None:
+        gold = scores
     else:
         gold = scores
         hits = {"exact_match_strict": 0, "exact_match_flexible": 0} if kind == "gsm8k" else {"exact_match": 0}
@@ -180,8 +184,9 @@ def run_group(model, tokenizer, task: dict, group: list[int], opts: dict) -> dic
     common = dict(batch_size=opts["batch_size"], stacked=True, max_length=opts.get("max_length"),
                   progress=opts.get("progress", True))
     start = time.perf_counter()
-    completions = {k: [None] * len(items) for k in group}
-    if kind != "choice":
+    score_only = opts.get("score_only", False)
+    completions = {k: None if score_only else [None] * len(items) for k in group}
+    if kind != "choice" and not score_only:
         completions = generate_at_ranks(model, tokenizer, [it["prompt"] for it in items], group,
                                         max_new_tokens=opts["max_new_tokens"], stop=opts["stop"], **common)
     if kind == "choice":
@@ -197,8 +202,9 @@ def run_group(model, tokenizer, task: dict, group: list[int], opts: dict) -> dic
             it = iter(scores)
             scores = [[next(it) for _ in item["choices"]] for item in items]
         metrics, samples = rank_metrics(kind, items, completions[k], scores)
-        records[k] = {"rank": k, "value": metrics[PRIMARY[kind]], "n": len(items), "seconds": round(seconds, 3),
-                      "metrics": metrics, "samples": samples}
+        primary = "token_acc" if score_only and kind != "choice" else PRIMARY[kind]
+        records[k] = {"rank": k, "value": metrics[primary], "metric": primary, "n": len(items),
+                      "seconds": round(seconds, 3), "metrics": metrics, "samples": samples}
     return records
 
 
@@ -217,6 +223,13 @@ def load_done(output_dir: str, k: int, settings_hash: str) -> dict | None:
     except (OSError, json.JSONDecodeError):
         return None
     return record if record.get("settings_hash") == settings_hash else None
+
+
+def default_eval_dir(run_dir: str, inference: str | None = None, score_only: bool = False) -> str:
+    """RUN_DIR/eval, or eval-<rule> / eval-score / eval-<rule>-score: a reading under another rule, or one
+    without generation, never overwrites the run's own evaluation."""
+    return os.path.join(run_dir, "-".join(["eval"] + ([inference] if inference else []) +
+                                          (["score"] if score_only else [])))
 
 
 def file_digest(path: str) -> str:
@@ -305,7 +318,8 @@ def evaluate_run(run_dir: str, task: str | None = None, ranks=None, shots: int |
                  stacked: bool = True, dtype: str = "float32", device: str | None = None,
                  attn_implementation: str | None = "eager", fewshot_data: str | None = None,
                  fewshot_seed: int = 1234, include_path: str | None = None, metric: str | None = None,
-                 stop=(), progress: bool = True, model_and_tokenizer=None, inference: str | None = None) -> dict:
+                 stop=(), progress: bool = True, model_and_tokenizer=None, inference: str | None = None,
+                 score_only: bool = False) -> dict:
     """Evaluate a run at rank 0 (the base model) and every requested rank; write eval.json, eval.md, the plot.
 
     Args:
@@ -331,6 +345,10 @@ def evaluate_run(run_dir: str, task: str | None = None, ranks=None, shots: int |
         model_and_tokenizer: an already loaded (model, tokenizer) of this run, to skip loading.
         inference: "paper" or "prefix" to read the trained weights under that rule instead of the run's own
             (results then go to ``RUN_DIR/eval-<inference>`` by default).
+        score_only: teacher-forced metrics alone (token_acc, loss, ppl; acc and acc_norm of choice tasks): no
+            generation, hence no exact match, and token_acc becomes the primary metric of generation tasks.
+            Generation is most of an evaluation's time, so this suits sweeps. Results go to
+            ``RUN_DIR/eval-score`` (``eval-<inference>-score``) by default.
 
     Returns:
         The eval.json dict.
@@ -353,7 +371,7 @@ def evaluate_run(run_dir: str, task: str | None = None, ranks=None, shots: int |
         raise UserError(f"--task not given and {run_dir}/train_config.yaml names no data; "
                         "give --task gsm8k, arithmetic, a JSONL file or lm-eval:<task>")
     read_as = config.inference if config.inference != trained_as else None
-    output_dir = output_dir or os.path.join(run_dir, f"eval-{read_as}" if read_as else "eval")
+    output_dir = output_dir or default_eval_dir(run_dir, read_as, score_only)
     settings = {
         "format": FORMAT_VERSION, "task": task, "shots": shots, "limit": limit, "max_new_tokens": max_new_tokens,
         "fewshot_seed": fewshot_seed, "stop": list(stop), "dtype": dtype, "attn_implementation": attn_implementation,
@@ -362,7 +380,12 @@ def evaluate_run(run_dir: str, task: str | None = None, ranks=None, shots: int |
     }
     if read_as:  # only then, so results stored before this option existed still match
         settings["inference"] = read_as
+    if score_only:  # likewise
+        settings["score_only"] = True
     lm_eval_task = task[len("lm-eval:"):] if task.startswith("lm-eval:") else None
+    if lm_eval_task is not None and score_only:
+        raise UserError(f"--score_only does not apply to {task!r}: lm-eval runs its own task (its metrics are the "
+                        "task's); use a built-in task (gsm8k, arithmetic, a JSONL file) or leave --score_only out")
     if lm_eval_task is not None:
         from . import lmeval
 
@@ -396,7 +419,7 @@ def evaluate_run(run_dir: str, task: str | None = None, ranks=None, shots: int |
                                                           max_new_tokens=max_new_tokens, manager=manager)}
                 else:
                     opts = dict(batch_size=batch_size, max_new_tokens=max_new_tokens, max_length=max_length,
-                                stop=stop_strings(kind, tokenizer, stop), progress=progress)
+                                stop=stop_strings(kind, tokenizer, stop), progress=progress, score_only=score_only)
                     new = run_group(model, tokenizer, {"kind": kind, "items": items}, group, opts)
                 for k, record in new.items():
                     record["settings_hash"] = hashes[k]
@@ -586,6 +609,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="read the weights as rank k = s_k·A_k B_k (paper) or as the truncation of the trained "
                         "function (prefix; matryoshka and lora runs) instead of the run's own rule; results go to "
                         "RUN_DIR/eval-<rule>")
+    p.add_argument("--score_only", action="store_true",
+                   help="teacher-forced metrics alone (token_acc, loss, ppl; acc/acc_norm of choice tasks), no "
+                        "generation and so no exact match: several times faster, for sweeps; results go to "
+                        "RUN_DIR/eval-score (not lm-eval:TASK)")
     p.add_argument("--no_progress", action="store_true", help="hide progress bars")
     return p
 
@@ -599,7 +626,7 @@ def main(argv) -> int:
         attn_implementation=None if args.attn_implementation == "model" else args.attn_implementation,
         fewshot_data=args.fewshot_data, fewshot_seed=args.fewshot_seed, include_path=args.include_path,
         metric=args.metric, stop=[_unescape(t) for t in args.stop], progress=not args.no_progress,
-        inference=args.inference)
+        inference=args.inference, score_only=args.score_only)
     out = args.output_dir or os.path.relpath(result["output_dir"])
     print(markdown_table(result).split("\n\n")[2])
     print(f"wrote {out}/eval.json, eval.md, rank_curve.png")

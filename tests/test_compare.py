@@ -35,8 +35,9 @@ def test_compare_writes_table_plot_and_json(compared):
     table = (compared / "compare.md").read_text()
     assert "| matryoshka |" in table and "| lora-svd |" in table and "AURAC" in table
     assert (compared / "compare.png").stat().st_size > 1000
-    # lora-svd needs the plain LoRA run of each seed, trained on the way
+    # lora-svd needs the plain LoRA run of each seed, trained on the way but not evaluated (not asked for)
     assert (compared / "lora" / "seed-1" / "adapter_model.safetensors").exists()
+    assert not (compared / "lora" / "seed-1" / "eval").exists()
     assert json.loads((compared / "lora-svd" / "seed-2" / "matryoshka_config.json").read_text())["scaling"] == "none"
 
 
@@ -127,3 +128,23 @@ def test_compare_bad_input(args, message, capsys, tmp_path):
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
     assert not (tmp_path / "x").exists()
+
+
+def test_compare_score_only_evaluates_without_generation_beside_the_full_evaluation(compared, tiny_llama_dir):
+    assert run_compare(tiny_llama_dir, compared, "matryoshka,lora-svd", "1,2", "--score_only") == 0
+    summary = json.loads((compared / "compare.json").read_text())
+    assert summary["metric"] == "token_acc"
+    for m, entry in summary["methods"].items():
+        for seed, per_seed in entry["per_seed"].items():
+            full = json.loads((compared / m / f"seed-{seed}" / "eval" / "eval.json").read_text())
+            scored = json.loads((compared / m / f"seed-{seed}" / "eval-score" / "eval.json").read_text())
+            assert full["metric"] == "exact_match_strict" and scored["metric"] == "token_acc"
+            assert per_seed["per_rank"] == [r["metrics"]["token_acc"] for r in full["per_rank"]]
+            assert "exact_match_strict" not in scored["per_rank"][0]["metrics"]
+
+
+def test_compare_score_only_refuses_a_generated_metric_before_training(tiny_llama_dir, tmp_path, capsys):
+    out = tmp_path / "c"
+    assert run_compare(tiny_llama_dir, out, "dylora", "1", "--score_only", "--metric", "exact_match_strict") == 2
+    err = capsys.readouterr().err
+    assert "--metric 'exact_match_strict' needs generation" in err and not out.exists()

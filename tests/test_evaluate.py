@@ -246,3 +246,34 @@ def test_eval_inference_the_method_cannot_use_exits_2(run_dir, gsm_dir, tmp_path
     err = capsys.readouterr().err
     assert code == 2 and "--inference 'prefix'" in err and "needs method matryoshka or lora" in err
     assert "Traceback" not in err and not os.path.exists(os.path.join(dylora, "eval-prefix"))
+
+
+def test_score_only_skips_generation_and_keeps_the_full_evaluation(run_dir, gsm_dir, tmp_path, monkeypatch):
+    import matryoshka_lora.evaluate as ev
+
+    run = copy_run(run_dir, tmp_path / "run")
+    kwargs = dict(task=gsm_dir, ranks=[1, 2, 8], max_new_tokens=4, batch_size=2, progress=False)
+    full = evaluate_run(run, **kwargs)
+    full_json = os.path.join(run, "eval", "eval.json")
+    before = os.path.getmtime(full_json)
+
+    def no_generation(*args, **kw):
+        raise AssertionError("score_only generated")
+
+    monkeypatch.setattr(ev, "generate_at_ranks", no_generation)
+    scored = evaluate_run(run, score_only=True, **kwargs)
+    assert scored["output_dir"] == os.path.join(run, "eval-score") and scored["metric"] == "token_acc"
+    assert scored["pretrained"] == full["pretrained_metrics"]["token_acc"]
+    for a, b in zip(full["per_rank"], scored["per_rank"]):
+        assert b["value"] == a["metrics"]["token_acc"] and b["metrics"]["loss"] == a["metrics"]["loss"]
+        assert "exact_match_strict" not in b["metrics"] and "exact_match_strict" in a["metrics"]
+    assert os.path.getmtime(full_json) == before  # the full evaluation is not overwritten
+    assert evaluate_run(run, score_only=True, **kwargs)["per_rank"] == scored["per_rank"]  # reused, not redone
+
+
+def test_score_only_on_an_lm_eval_task_exits_2(run_dir, tmp_path, capsys):
+    out = tmp_path / "o"
+    code = cli_main(["eval", run_dir, "--task", "lm-eval:gsm8k", "--score_only", "--output_dir", str(out)] + FAST)
+    err = capsys.readouterr().err
+    assert code == 2 and "--score_only" in err and "lm-eval" in err and "Traceback" not in err
+    assert not out.exists()
