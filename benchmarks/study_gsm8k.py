@@ -8,18 +8,23 @@ test problems at ranks 1, 2, 4, 8 by answer-token accuracy (teacher-forced: the 
 model predicts, the metric of the issue's reference run) and by 0-shot greedy exact match (lm-eval's strict
 `#### N` filter). Each method is reported at its best learning rate by mean token-accuracy AURAC over --seeds;
 --confirm_seeds are then run only at that learning rate, and the tables average every seed (± the standard
-deviation of AURAC across seeds). Finished runs and evaluations are reused, so the script can be stopped and
-rerun, and seeds added later.
+deviation of AURAC across seeds); with --confirm_score_only those seeds are evaluated by answer-token accuracy
+alone (no generation, about a quarter of the time on a CPU) and the exact-match table averages --seeds only.
+Finished runs and evaluations are reused, so the script can be stopped and rerun, and seeds added later.
 
     python benchmarks/study_gsm8k.py --data path/to/gsm8k --output_dir runs/study-gsm8k   # local JSONL
     python benchmarks/study_gsm8k.py --output_dir runs/study-gsm8k                         # openai/gsm8k (hub)
 
 The defaults are sized for a 2-core CPU (SmolLM2-135M, 96 passes of 4 examples, 64 test problems: about
 an hour per learning rate and seed, most of it generation); on a GPU raise --budget and --limit (--budget 1868
-is one epoch). The study in docs/results.md ran, on the 2-core CPU VM:
+is one epoch). The study in docs/results.md ran, on the 2-core CPU VM, the sweep on seed 0, then seed 1 at each
+method's chosen rate:
 
     python benchmarks/study_gsm8k.py --data ../shared/data/gsm8k --output_dir runs/study-gsm8k --seeds 0 \
-        --confirm_seeds 1,2 --budget 64 --limit 48 --max_new_tokens 200 --lrs 1e-3,3e-3,9e-3
+        --budget 64 --limit 48 --max_new_tokens 200 --lrs 1e-3,3e-3,9e-3:dylora+lora+lora-svd+matryoshka
+    python benchmarks/study_gsm8k.py --data ../shared/data/gsm8k --output_dir runs/study-gsm8k --seeds 0 \
+        --confirm_seeds 1 --confirm_score_only --budget 64 --limit 48 --max_new_tokens 200 \
+        --lrs 3e-3:matryoshka-exact+sandwich+dylora+lora-svd,9e-3:matryoshka+lora
 """
 import argparse
 import json
