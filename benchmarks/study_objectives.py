@@ -39,10 +39,9 @@ def prefix_entry(folder: str, seeds: list[int], eval_options: dict, metric: str 
     """The ``matryoshka`` runs in ``folder`` read with inference "prefix" (rank k = W0 + Σ_{i≤k} P_i b_i a_iᵀ, the
     truncation of the function trained; no retraining), evaluated into each run's eval-prefix/ and aggregated as
     ``compare`` aggregates a method."""
-    results = {}
+    results, score_only = {}, eval_options.get("score_only", False)
     for seed in seeds:
         run_dir = os.path.join(folder, "matryoshka", f"seed-{seed}")
-        score_only = eval_options.get("score_only", False)
         eval_dir = default_eval_dir(run_dir, "prefix", score_only)
         share_pretrained(default_eval_dir(run_dir, score_only=score_only), eval_dir)
         results[seed] = evaluate_run(run_dir, output_dir=eval_dir, inference="prefix", **eval_options)

@@ -235,7 +235,7 @@ def compare(config_path: str | None, methods: list[str], seeds: list[int], outpu
     if SVD in methods and "lora" not in trained:
         trained.append("lora")
     started = time.perf_counter()
-    results, first_eval = {m: {} for m in methods + trained}, pretrained_from
+    results, first_eval = {m: {} for m in methods}, pretrained_from
     for seed in seeds:
         for m in trained + ([SVD] if SVD in methods else []):
             run_dir = os.path.join(output_dir, m, f"seed-{seed}")
@@ -246,7 +246,6 @@ def compare(config_path: str | None, methods: list[str], seeds: list[int], outpu
             else:
                 train_or_reuse(file_values, overrides, m, seed, run_dir, config_path or "command line")
             if m not in methods:  # the lora run lora-svd was made from: nobody asked for its scores
-                results[m][seed] = {"run_dir": run_dir}
                 continue
             eval_dir = default_eval_dir(run_dir, score_only=eval_options.get("score_only", False))
             if first_eval:

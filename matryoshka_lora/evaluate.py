@@ -140,7 +140,7 @@ def rank_metrics(kind: str, items, completions, scores) -> tuple[dict, list[dict
     """(metrics, per-item samples) of one rank from its completions and teacher-forced scores; ``completions``
     None (score only): the teacher-forced metrics alone."""
     n = len(items)
-    metrics, samples = {}, []
+    metrics, samples, gold = {}, [], scores
     if kind == "choice":
         correct = correct_norm = 0
         for item, per_choice in zip(items, scores):
@@ -152,10 +152,7 @@ def rank_metrics(kind: str, items, completions, scores) -> tuple[dict, list[dict
             samples.append({"pred": pred, "pred_norm": pred_norm, "label": item["label"], "loglikelihoods": lls})
         metrics.update(acc=correct / n, acc_norm=correct_norm / n)
         gold = [per_choice[item["label"]] for item, per_choice in zip(items, scores)]
-    elif completions is None:
-        gold = scores
-    else:
-        gold = scores
+    elif completions is not None:
         hits = {"exact_match_strict": 0, "exact_match_flexible": 0} if kind == "gsm8k" else {"exact_match": 0}
         for item, text in zip(items, completions):
             sample = {"completion": text}
@@ -185,7 +182,7 @@ def run_group(model, tokenizer, task: dict, group: list[int], opts: dict) -> dic
                   progress=opts.get("progress", True))
     start = time.perf_counter()
     score_only = opts.get("score_only", False)
-    completions = {k: None if score_only else [None] * len(items) for k in group}
+    completions = dict.fromkeys(group)  # None: choice tasks and score_only generate nothing
     if kind != "choice" and not score_only:
         completions = generate_at_ranks(model, tokenizer, [it["prompt"] for it in items], group,
                                         max_new_tokens=opts["max_new_tokens"], stop=opts["stop"], **common)
