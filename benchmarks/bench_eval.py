@@ -22,7 +22,7 @@ import torch
 from transformers import AutoModelForCausalLM, GenerationConfig, LlamaConfig
 
 from matryoshka_lora import MatryoshkaConfig, get_matryoshka_model, set_rank
-from matryoshka_lora.generate import at_ranks
+from matryoshka_lora.evaluation.generate import at_ranks
 
 from bench_train_step import SHAPES, TARGETS
 
@@ -37,7 +37,7 @@ def build(opts):
     config = LlamaConfig(**SHAPES[opts["shape"]], max_position_embeddings=4096)
     dtype = getattr(torch, opts["dtype"])
     base = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation="sdpa")
-    model = get_matryoshka_model(base, MatryoshkaConfig(rank=opts["rank"], target_modules=TARGETS, scaling="sqrt"))
+    model = get_matryoshka_model(base, MatryoshkaConfig(rank=opts["rank"], target_modules=TARGETS, scaling="sqrt", method="matryoshka"))
     with torch.no_grad():
         for layer in model.matryoshka.layers.values():
             layer.lora_B["default"].weight.normal_(0, 0.02)  # a zero B would make every rank the same model

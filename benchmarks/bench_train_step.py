@@ -60,12 +60,12 @@ def variants(base, rank: int, dtype, batch: int, with_reference: bool) -> dict:
         gen = torch.Generator().manual_seed(0)
         out[f"matryoshka-lora, method {method}"] = (m, [p for p in m.parameters() if p.requires_grad],
                                                     lambda m=m, gen=gen: sample_rank(m, gen))
-    mixed = get_matryoshka_model(copy.deepcopy(base), MatryoshkaConfig(rank=rank, target_modules=TARGETS))
+    mixed = get_matryoshka_model(copy.deepcopy(base), MatryoshkaConfig(rank=rank, target_modules=TARGETS, method="matryoshka"))
     ks = torch.tensor([[1, 2, 4, rank][i % 4] for i in range(batch)])
     set_rank(mixed, ks)
     out["matryoshka-lora, per-example ranks (mixed batch)"] = (mixed, [p for p in mixed.parameters() if p.requires_grad], None)
     if with_reference:
-        ref = get_matryoshka_model(copy.deepcopy(base), MatryoshkaConfig(rank=rank, target_modules=TARGETS))
+        ref = get_matryoshka_model(copy.deepcopy(base), MatryoshkaConfig(rank=rank, target_modules=TARGETS, method="matryoshka"))
         set_fused(ref, False)
         out["matryoshka-lora, reference path (PEFT forward + gate hook)"] = (
             ref, [p for p in ref.parameters() if p.requires_grad], None)

@@ -35,7 +35,8 @@ import time
 from study_objectives import PREFIX, best_by_aurac, prefix_entry
 
 from matryoshka_lora.compare import compare, over_seeds
-from matryoshka_lora.evaluate import default_eval_dir, plot_rank_curves
+from matryoshka_lora.evaluation.results import default_eval_dir
+from matryoshka_lora.report import plot_rank_curves
 
 METHODS = ["matryoshka", "matryoshka-exact", "sandwich", "dylora", "lora", "lora-svd"]
 RANKS = [1, 2, 4, 8]

@@ -20,8 +20,11 @@ import os
 import platform
 import time
 
-from matryoshka_lora.compare import SVD, aggregate, compare, markdown, share_pretrained
-from matryoshka_lora.evaluate import default_eval_dir, evaluate_run, plot_rank_curves
+from matryoshka_lora.compare import SVD, aggregate, compare, share_pretrained
+from matryoshka_lora.report import compare_markdown
+from matryoshka_lora.evaluation import evaluate_run
+from matryoshka_lora.evaluation.results import default_eval_dir
+from matryoshka_lora.report import plot_rank_curves
 
 METHODS = ["matryoshka", "matryoshka-exact", "sandwich", "dylora", "lora", "lora-svd"]
 TRAIN = {
@@ -74,7 +77,7 @@ def report(sweeps: dict, seeds: list[int], extra: dict | None = None) -> str:
                      f" | {100 * e['aurac']:.1f} | {100 * e.get('log_aurac', float('nan')):.1f} |")
     lines += ["", "All learning rates:", ""]
     for lr, summary in sorted(sweeps.items()):
-        lines += [f"learning rate {lr:g}:", "", markdown(summary)]
+        lines += [f"learning rate {lr:g}:", "", compare_markdown(summary)]
     return "\n".join(lines)
 
 

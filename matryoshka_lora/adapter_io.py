@@ -1,25 +1,26 @@
 """Loading, strict checking and exporting nested adapters in the standard PEFT file format."""
+import copy
 import json
 import os
-import shutil
 import tempfile
 import warnings
 
 import torch
+from peft import PeftModel
+from peft.tuners.tuners_utils import BaseTunerLayer
 from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from .config import CONFIG_NAME, MatryoshkaConfig
-from .model import get_matryoshka_model, inference_gate, matryoshka_state
+from .base_models import load_base_model, load_tokenizer
+from .config import MatryoshkaConfig
+from .errors import AdapterFileError, UserError
+from .files import atomic_dir
+from .model import get_matryoshka_model
 from .ranks import check_inference_rank
-
-WEIGHTS_NAME = "adapter_model.safetensors"
-ADAPTER_CONFIG_NAME = "adapter_config.json"
-
-
-class AdapterFileError(ValueError):
-    """An adapter file is missing, truncated, corrupt, or does not fit the model."""
+from .rundir import ADAPTER_CONFIG as ADAPTER_CONFIG_NAME, MATRYOSHKA_CONFIG as CONFIG_NAME, TRAIN_CONFIG
+from .rundir import WEIGHTS as WEIGHTS_NAME, read_train_config
+from .selection import inference_gate, matryoshka_state
 
 
 def read_weights(directory) -> dict[str, torch.Tensor]:
@@ -30,9 +31,70 @@ def read_weights(directory) -> dict[str, torch.Tensor]:
             os.path.join(directory, "adapter_model.bin")) else ""
         raise AdapterFileError(f"{path} not found{hint}")
     try:
-        return load_file(path)
+        weights = load_file(path)
     except (SafetensorError, OSError, ValueError, RuntimeError) as e:
         raise AdapterFileError(f"{path} is truncated or corrupt: {e}") from None
+    check_finite(weights, path)
+    return weights
+
+
+def check_finite(weights: dict[str, torch.Tensor], where: str) -> None:
+    """Raises: AdapterFileError naming the first tensor holding NaN or Inf (a diverged run, a corrupt file)."""
+    for key, t in weights.items():
+        if t.is_floating_point() and not torch.isfinite(t).all():
+            what = "NaN" if torch.isnan(t).any() else "Inf"
+            raise AdapterFileError(f"{where}: tensor {key} holds {what} values; refusing an adapter that would "
+                                   "compute NaN (was its run diverging? evaluate an earlier checkpoint)")
+
+
+def read_checked(directory) -> tuple[MatryoshkaConfig, dict | None, dict[str, torch.Tensor]]:
+    """(config, adapter_config.json or None where absent, weights) of a saved nested adapter, after checking that
+    its files agree with each other: the tensors' rank is matryoshka_config.json's ``rank`` and
+    adapter_config.json's ``r``, and ``lora_alpha`` is R·s_R (so stock PEFT loads rank R at its scale).
+
+    Raises:
+        AdapterFileError: a file missing, corrupt, or contradicting another, naming the file that is wrong.
+    """
+    directory = os.fspath(directory)
+    config = MatryoshkaConfig.load(directory)
+    weights = read_weights(directory)
+    peft_path = os.path.join(directory, ADAPTER_CONFIG_NAME)
+    peft_config = read_json(peft_path) if os.path.isfile(peft_path) else None
+    ranks = {t.shape[0] for k, t in weights.items() if "lora_A" in k and t.dim() == 2}
+    tensor_rank = ranks.pop() if len(ranks) == 1 else None  # mixed ranks: check_keys names the odd tensors
+    where = f"the tensors of {os.path.join(directory, WEIGHTS_NAME)} have rank {tensor_rank}"
+    if tensor_rank is not None and config.rank != tensor_rank:
+        raise AdapterFileError(f"{os.path.join(directory, CONFIG_NAME)} says rank={config.rank} but {where}; "
+                               "the file is wrong or belongs to another adapter")
+    if peft_config is not None:
+        _check_peft_config(peft_config, config, peft_path, tensor_rank, where)
+    return config, peft_config, weights
+
+
+def _check_peft_config(peft_config: dict, config: MatryoshkaConfig, path: str, tensor_rank, where: str) -> None:
+    r, alpha = peft_config.get("r"), peft_config.get("lora_alpha")
+    if tensor_rank is not None and r != tensor_rank:
+        raise AdapterFileError(f"{path} says r={r!r} but {where}; the file is wrong or belongs to another adapter")
+    want = config.rank * config.scale_max
+    if not isinstance(alpha, (int, float)) or abs(alpha - want) > 1e-6 * max(1.0, want):
+        raise AdapterFileError(f"{path} says lora_alpha={alpha!r} but matryoshka_config.json (rank {config.rank}, "
+                               f"scaling {config.scaling!r}) gives R·s_R = {want:g}; stock PEFT would load the "
+                               "adapter at another scale")
+
+
+def check_target_modules(peft_config: dict | None, model, adapter_name: str, path: str) -> None:
+    """Raises: AdapterFileError when adapter_config.json's target_modules are not the modules the model adapts."""
+    if peft_config is None or "target_modules" not in peft_config:
+        return
+    saved, built = _module_names(peft_config["target_modules"]), _module_names(model.peft_config[adapter_name].target_modules)
+    if saved != built:
+        raise AdapterFileError(f"{path} says target_modules={saved} but matryoshka_config.json adapts {built} on "
+                               "this model; stock PEFT would adapt other modules than the trained ones")
+
+
+def _module_names(target_modules):
+    """A regex (a string) as it is; names in a canonical order."""
+    return target_modules if isinstance(target_modules, str) or target_modules is None else sorted(target_modules)
 
 
 def read_json(path) -> dict:
@@ -49,13 +111,14 @@ def load_matryoshka_model(base_model, directory, is_trainable: bool = False, ada
     """Rebuild a model saved by ``save_pretrained``: PEFT weights plus ``matryoshka_config.json``.
 
     Raises:
-        AdapterFileError: a file is missing or corrupt, or adapter keys are missing, unexpected or of the
-            wrong shape for ``base_model`` (all listed).
+        AdapterFileError: a file is missing or corrupt, the files contradict each other (``read_checked``),
+            tensors hold NaN or Inf, or adapter keys are missing, unexpected or of the wrong shape for
+            ``base_model`` (all listed).
     """
-    config = MatryoshkaConfig.load(directory)
-    weights = read_weights(directory)
+    config, peft_config, weights = read_checked(directory)
     _warn_on_other_base(base_model, directory)
     model = get_matryoshka_model(base_model, config, adapter_name)
+    check_target_modules(peft_config, model, adapter_name, os.path.join(directory, ADAPTER_CONFIG_NAME))
     expected = get_peft_model_state_dict(model, adapter_name=adapter_name)
     check_keys(expected, weights, os.path.join(directory, WEIGHTS_NAME))
     set_peft_model_state_dict(model, weights, adapter_name=adapter_name)
@@ -64,6 +127,29 @@ def load_matryoshka_model(base_model, directory, is_trainable: bool = False, ada
             p.requires_grad_(False)
         model.eval()
     return model
+
+
+def load_run(run_dir: str, dtype: str = "float32", device=None):
+    """Load a finished training run: (PEFT model at training behaviour, tokenizer, train config dict).
+
+    The base model is the one named in ``train_config.yaml`` (``model_path`` when it still exists,
+    else ``model``); the adapter is the final one at the top of ``run_dir``.
+
+    Raises:
+        UserError: not a run folder, or the base model cannot be found.
+        AdapterFileError: adapter files missing or corrupt.
+    """
+    config = read_train_config(run_dir)
+    model_path = config.get("model_path")
+    # The resolved folder while it exists (a GGUF cache may have been cleared), else the name the user gave.
+    model_name = model_path if model_path and os.path.isdir(str(model_path)) else config.get("model")
+    if not model_name:
+        raise UserError(f"{os.path.join(run_dir, TRAIN_CONFIG)} names no model")
+    base = load_base_model(model_name, dtype=dtype, device=device)
+    model = load_matryoshka_model(base, run_dir)
+    tokenizer_dir = run_dir if os.path.isfile(os.path.join(run_dir, "tokenizer_config.json")) else model_name
+    tokenizer = load_tokenizer(tokenizer_dir)
+    return model, tokenizer, config
 
 
 def _warn_on_other_base(base_model, directory) -> None:
@@ -107,16 +193,19 @@ def slice_weights(weights: dict[str, torch.Tensor], k: int, scale) -> dict[str, 
     return out
 
 
-def _source(model_or_dir):
+def read_adapter(model_or_dir):
     """(MatryoshkaConfig, PEFT adapter config dict, weights) of a model in memory or a saved folder."""
     if isinstance(model_or_dir, (str, os.PathLike)):
-        directory = os.fspath(model_or_dir)
-        return (MatryoshkaConfig.load(directory), read_json(os.path.join(directory, ADAPTER_CONFIG_NAME)),
-                read_weights(directory))
+        config, peft_config, weights = read_checked(model_or_dir)
+        if peft_config is None:
+            read_json(os.path.join(model_or_dir, ADAPTER_CONFIG_NAME))  # raises, naming the missing file
+        return config, peft_config, weights
     state = matryoshka_state(model_or_dir)
     peft_config = model_or_dir.peft_config[state.adapter_name].to_dict()
-    weights = get_peft_model_state_dict(model_or_dir, adapter_name=state.adapter_name)
-    return state.config, peft_config, {k: v.detach().cpu() for k, v in weights.items()}
+    weights = {k: v.detach().cpu() for k, v in
+               get_peft_model_state_dict(model_or_dir, adapter_name=state.adapter_name).items()}
+    check_finite(weights, "the adapter in memory")
+    return state.config, peft_config, weights
 
 
 def _json_ready(d: dict) -> dict:
@@ -145,56 +234,56 @@ def export_rank(model_or_dir, rank: int, out_dir, merge: bool = False, base_mode
     Raises:
         InvalidInput: ``rank`` outside 1..R, or an ``inference`` the run's method cannot use.
     """
-    config, peft_config, weights = _source(model_or_dir)
+    config, peft_config, weights = read_adapter(model_or_dir)
     config = config.read_as(inference)
     check_inference_rank(config.rank, rank)
     sliced = slice_weights(weights, rank, inference_gate(config, rank)[:rank])
     peft_config = dict(peft_config, r=rank, lora_alpha=rank, rank_pattern={}, alpha_pattern={})
     if merge:
         return _export_merged(model_or_dir, peft_config, sliced, out_dir, base_model)
-    with _atomic_dir(out_dir) as tmp:
-        save_file(sliced, os.path.join(tmp, WEIGHTS_NAME), metadata={"format": "pt"})
-        with open(os.path.join(tmp, ADAPTER_CONFIG_NAME), "w") as f:
-            json.dump(_json_ready(peft_config), f, indent=2)
+    with atomic_dir(out_dir) as tmp:
+        write_adapter_dir(tmp, sliced, peft_config)
     return os.fspath(out_dir)
 
 
 def export_all_ranks(model_or_dir, out_dir, ranks=None, merge: bool = False, base_model=None,
                      inference: str | None = None) -> dict[int, str]:
     """``export_rank`` for every rank (default: the train ranks) into ``out_dir/rank-{k}``."""
-    config = _source(model_or_dir)[0] if ranks is None else None
+    config = read_adapter(model_or_dir)[0] if ranks is None else None
     ranks = list(ranks) if ranks is not None else config.train_ranks
     return {k: export_rank(model_or_dir, k, os.path.join(out_dir, f"rank-{k}"), merge, base_model, inference)
             for k in ranks}
 
 
+def write_adapter_dir(directory, weights: dict, peft_config: dict, config: MatryoshkaConfig | None = None) -> None:
+    """A PEFT adapter folder: ``adapter_model.safetensors`` and ``adapter_config.json`` (and, for a nested
+    adapter, ``matryoshka_config.json``, written last). Wrap in ``files.atomic_dir`` for an all-or-nothing write."""
+    save_file(weights, os.path.join(directory, WEIGHTS_NAME), metadata={"format": "pt"})
+    with open(os.path.join(directory, ADAPTER_CONFIG_NAME), "w") as f:
+        json.dump(_json_ready(peft_config), f, indent=2)
+    if config is not None:
+        config.save(directory)
+
+
 def _export_merged(model_or_dir, peft_config, sliced, out_dir, base_model) -> str:
     """Merge a rank-k adapter into a base model through stock PEFT and save the full model."""
-    from peft import PeftModel
-
     if isinstance(model_or_dir, (str, os.PathLike)):
         if base_model is None:
             raise ValueError("merge=True from a folder needs base_model=<the transformers base model>")
     else:
         base_model = _unwrapped_copy(model_or_dir)
     with tempfile.TemporaryDirectory() as adapter_dir:
-        save_file(sliced, os.path.join(adapter_dir, WEIGHTS_NAME), metadata={"format": "pt"})
-        with open(os.path.join(adapter_dir, ADAPTER_CONFIG_NAME), "w") as f:
-            json.dump(_json_ready(peft_config), f, indent=2)
+        write_adapter_dir(adapter_dir, sliced, peft_config)
         merged = PeftModel.from_pretrained(base_model, adapter_dir).merge_and_unload()
-    with _atomic_dir(out_dir) as tmp:
+    with atomic_dir(out_dir) as tmp:
         merged.save_pretrained(tmp)
     return os.fspath(out_dir)
 
 
 def _unwrapped_copy(peft_model):
     """A plain copy of the base model of ``peft_model``, without LoRA layers (the original is untouched)."""
-    import copy
-
     with peft_model.disable_adapter():
         base = copy.deepcopy(peft_model.get_base_model())
-    from peft.tuners.tuners_utils import BaseTunerLayer
-
     for name, module in list(base.named_modules()):
         if isinstance(module, BaseTunerLayer):
             parent = base.get_submodule(name.rsplit(".", 1)[0]) if "." in name else base
@@ -204,31 +293,5 @@ def _unwrapped_copy(peft_model):
     return base
 
 
-class _atomic_dir:
-    """Write a folder beside ``path`` and rename it into place only when complete."""
-
-    def __init__(self, path):
-        self.path = os.path.abspath(os.fspath(path))
-
-    def __enter__(self) -> str:
-        parent = os.path.dirname(self.path)
-        os.makedirs(parent, exist_ok=True)
-        self.tmp = tempfile.mkdtemp(prefix="." + os.path.basename(self.path) + ".tmp-", dir=parent)
-        return self.tmp
-
-    def __exit__(self, exc_type, exc, tb):
-        if exc_type is not None:
-            shutil.rmtree(self.tmp, ignore_errors=True)
-            return False
-        if os.path.isdir(self.path):
-            old = self.tmp + ".old"
-            os.rename(self.path, old)
-            os.rename(self.tmp, self.path)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.rename(self.tmp, self.path)
-        return False
-
-
-__all__ = ["load_matryoshka_model", "export_rank", "export_all_ranks", "read_weights", "AdapterFileError",
-           "CONFIG_NAME"]
+__all__ = ["load_matryoshka_model", "load_run", "export_rank", "export_all_ranks", "read_weights", "write_adapter_dir",
+           "AdapterFileError", "CONFIG_NAME"]

@@ -1,4 +1,4 @@
-"""MatryoshkaConfig: what to train and how, validated as a whole."""
+"""MatryoshkaConfig: the nested-rank adapter, validated as a whole; the one home of its fields and their help."""
 import dataclasses
 import json
 import os
@@ -6,14 +6,13 @@ from dataclasses import dataclass, field
 
 from .errors import InvalidInput
 from .files import write_json
-from .ranks import SCALINGS, check_train_ranks, default_train_ranks, p_vector, rank_scale
+from .methods import DEFAULT_METHOD, METHOD_NAMES, METHODS, PREFIX_METHODS, method_help
+from .ranks import SCALINGS, check_train_ranks, default_train_ranks, p_vector, rank_scale, uniform_weights
+from .rundir import MATRYOSHKA_CONFIG as CONFIG_NAME
 
-METHODS = ("matryoshka", "dylora", "lora", "matryoshka-exact", "sandwich")
-STACKED_METHODS = ("matryoshka-exact", "sandwich")  # several ranks per step, batch stacked across them
 INITS = ("peft", "paper")
 INFERENCES = ("paper", "prefix")
 DYLORA_RANKS = ("train", "all")
-CONFIG_NAME = "matryoshka_config.json"
 # LoraConfig fields that MatryoshkaConfig owns, or that cannot honour the P gate.
 _RESERVED_LORA_KWARGS = {
     "r": "use rank", "lora_alpha": "the scale comes from scaling", "target_modules": "use target_modules",
@@ -24,6 +23,15 @@ _RESERVED_LORA_KWARGS = {
 }
 
 
+def key(default, help: str, kind: str):
+    """A config field: its default, its meaning (shown by --help) and its kind (how the command line and YAML
+    values are coerced: str, int, float, bool, ranks, floats?, modules, dict, ...; "?" allows none)."""
+    meta = {"help": help, "kind": kind}
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
 @dataclass
 class MatryoshkaConfig:
     """A nested-rank LoRA adapter.
@@ -32,10 +40,10 @@ class MatryoshkaConfig:
         rank: maximum rank R of ``lora_A`` (R x in) and ``lora_B`` (out x R).
         train_ranks: the set S of nested ranks trained together (default: powers of two up to R, and R).
         scaling: s_r per rank: "none" (1), "rank" (1/r) or "sqrt" (1/sqrt r).
-        method: "matryoshka" (the paper: y = W0x + B(P ⊙ Ax)), "lora" (s_R·BAx), "dylora" (one sampled rank k
-            per step), "matryoshka-exact" (the multi-rank objective Σ_r λ_r ℓ(W0 + s_r A_r B_r), batch stacked
-            across the train ranks) or "sandwich" (the loss at R, at the smallest rank and at ``sandwich_n``
-            sampled ranks, stacked the same way).
+        method: a name in ``methods.METHODS``: "dylora" (the default: one sampled rank k per step),
+            "matryoshka" (the paper: y = W0x + B(P ⊙ Ax)), "lora" (s_R·BAx), "matryoshka-exact" (the multi-rank
+            objective Σ_r λ_r ℓ(W0 + s_r A_r B_r), batch stacked across the train ranks) or "sandwich" (the loss at
+            R, at the smallest rank and at ``sandwich_n`` sampled ranks, stacked the same way).
         target_modules: module names, a regex (full match, as PEFT) or "all-linear".
         lora_dropout: dropout on the adapter input, as PEFT.
         init: "peft" (PEFT's kaiming-uniform of A, bound 1/sqrt(in)) or "paper" (bound 1/sqrt(R), the authors').
@@ -52,19 +60,24 @@ class MatryoshkaConfig:
         ValueError: listing every invalid field at once.
     """
 
-    rank: int = 8
-    train_ranks: list[int] | None = None
-    scaling: str = "none"
-    method: str = "matryoshka"
-    target_modules: str | list[str] = "all-linear"
-    lora_dropout: float = 0.0
-    init: str = "peft"
-    dylora_ranks: str = "train"
-    lora_kwargs: dict = field(default_factory=dict)
-    p_normalize: bool = False
-    weights: list[float] | None = None
-    inference: str = "paper"
-    sandwich_n: int = 2
+    rank: int = key(8, "maximum rank R of the adapter", "int")
+    train_ranks: list[int] | None = key(None, "nested ranks S trained together, e.g. 1,2,4,8 (default: powers "
+                                        "of two up to R, and R)", "ranks")
+    scaling: str = key("none", "adapter scale s_r: none (1, the paper's choice), rank (1/r) or sqrt (1/sqrt r)",
+                       "str")
+    method: str = key(DEFAULT_METHOD, method_help(), "str")
+    target_modules: str | list[str] = key("all-linear", "modules to adapt: names (q_proj,v_proj), a regex, or "
+                                          "all-linear", "modules")
+    lora_dropout: float = key(0.0, "dropout on the adapter input", "float")
+    init: str = key("peft", "init of A: peft (kaiming-uniform, bound 1/sqrt(in)) or paper (bound 1/sqrt(R))", "str")
+    dylora_ranks: str = key("train", "ranks DyLoRA samples from: train (the train ranks) or all (1..R)", "str")
+    lora_kwargs: dict = key({}, "further peft.LoraConfig fields, e.g. {layers_to_transform: [0, 1]}", "dict")
+    p_normalize: bool = key(False, "weights λ_r = 1/|S| (Appendix B) instead of Algorithm 1's λ_r = 1", "bool")
+    weights: list[float] | None = key(None, "λ_r per train rank, e.g. 0.4,0.3,0.2,0.1 (default: see p_normalize)",
+                                      "floats?")
+    inference: str = key("paper", "what rank k means: paper (s_k·A_k B_k) or prefix (the trained function "
+                         "truncated to k, so rank R is the training forward; matryoshka and lora only)", "str")
+    sandwich_n: int = key(2, "sandwich: ranks sampled between the smallest and the largest each step", "int")
 
     def __post_init__(self):
         if isinstance(self.train_ranks, tuple):
@@ -90,7 +103,7 @@ class MatryoshkaConfig:
                 out.append(f"train_ranks={self.train_ranks!r} is not valid; give a list of integers")
             elif rank_ok:
                 out += check_train_ranks(self.rank, self.train_ranks)
-        for name, value, valid in (("scaling", self.scaling, SCALINGS), ("method", self.method, METHODS),
+        for name, value, valid in (("scaling", self.scaling, SCALINGS), ("method", self.method, METHOD_NAMES),
                                    ("init", self.init, INITS), ("dylora_ranks", self.dylora_ranks, DYLORA_RANKS),
                                    ("inference", self.inference, INFERENCES)):
             if value not in valid:
@@ -121,9 +134,9 @@ class MatryoshkaConfig:
                 out.append(f"weights has {len(w)} entries but there are {n_ranks} train ranks; give one per rank")
         if not isinstance(self.p_normalize, bool):
             out.append(f"p_normalize={self.p_normalize!r} is not valid; give true or false")
-        if self.inference == "prefix" and self.method not in ("matryoshka", "lora"):
-            out.append(f"inference='prefix' needs method matryoshka or lora (a single trained function), "
-                       f"not {self.method!r}")
+        if self.inference == "prefix" and self.method not in PREFIX_METHODS:
+            out.append(f"inference='prefix' needs method {' or '.join(PREFIX_METHODS)} (a single trained "
+                       f"function), not {self.method!r}")
         if isinstance(self.sandwich_n, bool) or not isinstance(self.sandwich_n, int) or self.sandwich_n < 0:
             out.append(f"sandwich_n={self.sandwich_n!r} is not valid; give an integer >= 0")
         return out
@@ -143,8 +156,7 @@ class MatryoshkaConfig:
         """λ_r per train rank: ``weights``, else 1/|S| with ``p_normalize``, else 1 (Algorithm 1)."""
         if self.weights is not None:
             return [float(x) for x in self.weights]
-        n = len(self.train_ranks)
-        return [1.0 / n if self.p_normalize else 1.0] * n
+        return uniform_weights(len(self.train_ranks), self.p_normalize)
 
     @property
     def scale_max(self) -> float:
@@ -157,6 +169,11 @@ class MatryoshkaConfig:
 
     def dylora_choices(self) -> list[int]:
         return list(self.train_ranks) if self.dylora_ranks == "train" else list(range(1, self.rank + 1))
+
+    @property
+    def method_record(self):
+        """The ``methods.Method`` that says how this config trains."""
+        return METHODS[self.method]
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -8,11 +8,13 @@ Sources (``data``):
                             prompt/completion, or chat ``messages``
     a folder                ``{split}.jsonl`` inside it
 """
+import difflib
 import json
 import os
 
 import torch
 
+from .arithmetic import make_split
 from .errors import UserError
 
 TASKS = ("arithmetic", "gsm8k", "platypus")
@@ -69,8 +71,6 @@ def load_examples(data: str, split: str = "train", limit: int | None = None, tok
         examples = [to_example(row, f"{path}:{line}", tokenizer) for line, row in rows]
         source = path
     elif data == "arithmetic":
-        from .arithmetic import make_split
-
         try:
             problems = make_split(split, limit or ARITHMETIC_SIZES.get(split, 1000), seed)
         except ValueError as e:
@@ -81,8 +81,6 @@ def load_examples(data: str, split: str = "train", limit: int | None = None, tok
         examples = [to_example(row, data, tokenizer) for row in _hub_rows(data, split, limit)]
         source = data
     else:
-        import difflib
-
         close = difflib.get_close_matches(data, TASKS, n=1)
         hint = f"; did you mean {close[0]!r}?" if close else ""
         raise UserError(f"data={data!r} is neither a task ({', '.join(TASKS)}) nor an existing file or folder{hint}")
@@ -117,7 +115,7 @@ def read_jsonl(path: str, limit: int | None = None) -> list[tuple[int, dict]]:
 
 
 def _hub_rows(task: str, split: str, limit: int | None):
-    from datasets import load_dataset
+    from datasets import load_dataset  # seconds to import, and only hub data needs it
 
     try:
         if task == "gsm8k":

@@ -22,6 +22,10 @@ class InvalidInput(ValueError):
     """
 
 
+class AdapterFileError(ValueError):
+    """An adapter file is missing, truncated, corrupt, contradicts another file, or does not fit the model."""
+
+
 class ArgumentParser(argparse.ArgumentParser):
     """argparse that reports a bad command line as a UserError: one line, exit 2, instead of the usage dump."""
 

@@ -8,21 +8,20 @@ where s_R = lora_alpha / r is the scale PEFT already applies. The gate g is a
 non-persistent buffer on ``lora_B`` applied by a forward pre-hook, so the
 weights and files stay those of a plain rank-R PEFT LoRA adapter. Which g:
 
-    training, matryoshka   g = P            (Algorithm 1)
-    training, lora         g = s_R · 1
-    training, dylora       g = s_k · 1[:k]   (k from ``sample_rank`` once per step)
-    inference at rank k    g = s_k · 1[:k]   (``inference="prefix"``: P · 1[:k])
-    per-example ranks      g = (B, R): row b is the rank-k_b gate
-    matryoshka-exact,      per-example gates over a batch stacked across ranks (``multi_rank_loss``)
-    sandwich
+    training               the method's gate (``methods.py``: P for matryoshka, s_R · 1 for lora, s_k · 1[:k]
+                           for dylora with k from ``sample_rank`` once per step)
+    inference at rank k    g = s_k · 1[:k]   (``inference="prefix"``: the training gate · 1[:k])
+    per-example ranks      g = (B, R): row b is the rank-k_b gate (stacked methods train through these,
+                           ``objectives.multi_rank_loss``)
+
+This module wraps the model; ``selection.py`` chooses and writes the gate.
 
 Training and evaluation run the same function through ``fused.py`` (one autograd node per layer, computing in
 the activations' dtype); PEFT's forward with the hook is the reference path, kept for dropout, merged or
 disabled adapters and tests (``set_fused(model, False)``).
 """
-import contextlib
+import copy
 import os
-import re
 import tempfile
 import types
 
@@ -33,23 +32,15 @@ from peft.utils import transpose
 
 from . import fused
 from .config import CONFIG_NAME, MatryoshkaConfig
-from .ranks import batch_gate, check_inference_rank, rank_gate
 from .errors import InvalidInput
+from .files import move_contents
+from .fused import GATE
+from .selection import (MatryoshkaState, apply_gates, inference_gate, matryoshka_state, sample_rank, set_fused,
+                        set_rank, step_objective, use_rank)
 
-GATE = fused.GATE
-
-
-class MatryoshkaState:
-    """What a wrapped model needs beyond PEFT: its config, its layers and the current gate choice."""
-
-    def __init__(self, config: MatryoshkaConfig, adapter_name: str):
-        self.config = config
-        self.adapter_name = adapter_name
-        self.layers: dict[str, LoraLayer] = {}  # name relative to the base model -> PEFT layer
-        self.setting = None  # None (training), int, dict or tensor, as given to set_rank
-        self.dylora_rank = config.rank  # the rank DyLoRA trains until sample_rank draws one
-        self.step_ranks: list[int] | None = None  # the ranks of this step's sandwich loss
-        self.fused = True  # the fused adapter branch (fused.py) where it applies; False: PEFT's forward + hook
+# the rank-choosing API is part of the wrapped model's API: importable from here as before
+__all__ = ["get_matryoshka_model", "adapter_shapes", "linear_names", "paper_init_", "GATE", "MatryoshkaState",
+           "matryoshka_state", "set_rank", "use_rank", "set_fused", "sample_rank", "step_objective", "inference_gate"]
 
 
 def get_matryoshka_model(model, config: MatryoshkaConfig, adapter_name: str = "default"):
@@ -64,14 +55,25 @@ def get_matryoshka_model(model, config: MatryoshkaConfig, adapter_name: str = "d
         A ``peft.PeftModel`` whose ``save_pretrained`` also writes ``matryoshka_config.json``.
 
     Raises:
-        ValueError: the model is already a PEFT model, ``target_modules`` match nothing, or a targeted
-            module cannot honour the gate (embeddings, convolutions, DoRA).
+        ValueError: the model is already a PEFT model, ``target_modules`` match nothing, the rank exceeds a
+            targeted layer's smaller dimension (checked before allocating), or a targeted module cannot honour
+            the gate (embeddings, convolutions, DoRA).
     """
     if isinstance(model, PeftModel):
         raise InvalidInput("the model is already a PeftModel; pass the base transformers model")
-    lora_config = _lora_config(model, config)
+    if config.rank > _smallest_dimension(model):  # some layer may be too narrow: find out before allocating
+        adapter_shapes(model, config)
+    peft_model = _inject(model, config, adapter_name)
+    _attach(peft_model, config, adapter_name)
+    if config.init == "paper":
+        paper_init_(peft_model)
+    return peft_model
+
+
+def _inject(model, config: MatryoshkaConfig, adapter_name: str = "default"):
+    """PEFT's LoRA layers of rank R in ``model``, with a one-line error where target_modules match nothing."""
     try:
-        peft_model = get_peft_model(model, lora_config, adapter_name=adapter_name)
+        return get_peft_model(model, _lora_config(model, config), adapter_name=adapter_name)
     except ValueError as e:
         if "not found in the base model" in str(e) or "Target modules" in str(e):
             raise InvalidInput(
@@ -79,10 +81,56 @@ def get_matryoshka_model(model, config: MatryoshkaConfig, adapter_name: str = "d
                 f"its linear layers are named: {', '.join(linear_names(model))} (or use 'all-linear')"
             ) from None
         raise
-    _attach(peft_model, config, adapter_name)
-    if config.init == "paper":
-        paper_init_(peft_model)
-    return peft_model
+
+
+def adapter_shapes(model, config: MatryoshkaConfig) -> dict[str, tuple[int, int]] | None:
+    """{layer name: (in, out)} of the layers ``config`` adapts in ``model``, found by adapting an empty copy of
+    it on the meta device (PEFT's own target matching; nothing is allocated). None where the model cannot be
+    copied so (not a transformers model): ``_attach`` checks the ranks on the real layers then.
+
+    Raises:
+        InvalidInput: the rank exceeds a targeted layer's smaller dimension (naming the layer), or
+            target_modules match nothing.
+    """
+    with torch.random.fork_rng(devices=[]):  # building the copy draws its (meta) init: keep the seed's stream
+        try:
+            with torch.device("meta"):
+                skeleton = type(model)(copy.deepcopy(model.config))
+        except Exception:  # any model class whose constructor does not take its config alone
+            return None
+        shapes = _shapes(dict(_lora_layers(_inject(skeleton, config), "default")))
+    _check_rank_fits(shapes, config.rank)
+    return shapes
+
+
+def _smallest_dimension(model) -> int:
+    """The smallest side of any 2-D weight (Linear, transformers' Conv1D, embeddings): no rank up to it can be
+    too large for a layer, whichever layers are targeted."""
+    sides = [min(p.shape) for p in model.parameters() if p.dim() == 2]
+    return min(sides) if sides else 0
+
+
+def _shapes(layers: dict) -> dict[str, tuple[int, int]]:
+    return {name: (m.in_features, m.out_features) for name, m in layers.items()
+            if isinstance(getattr(m, "in_features", None), int) and isinstance(getattr(m, "out_features", None), int)}
+
+
+def _lora_layers(peft_model, adapter_name: str):
+    """(name relative to the base model, PEFT LoRA layer) of every layer holding ``adapter_name``."""
+    prefix = "base_model.model."
+    for name, module in peft_model.named_modules():
+        if isinstance(module, LoraLayer) and adapter_name in module.r:
+            yield (name[len(prefix):] if name.startswith(prefix) else name), module
+
+
+def _check_rank_fits(shapes: dict[str, tuple[int, int]], rank: int) -> None:
+    too_small = {name: (i, o) for name, (i, o) in shapes.items() if rank > min(i, o)}
+    if too_small:
+        name, (i, o) = next(iter(too_small.items()))
+        most = min(min(s) for s in shapes.values())
+        more = f" (and {len(too_small) - 1} more layers)" if len(too_small) > 1 else ""
+        raise InvalidInput(f"rank={rank} is larger than layer {name} allows ({i} in, {o} out, so rank <= "
+                           f"{min(i, o)}){more}; choose rank <= {most}, or leave such layers out of target_modules")
 
 
 def _lora_config(model, config: MatryoshkaConfig) -> LoraConfig:
@@ -105,11 +153,9 @@ def linear_names(model) -> list[str]:
 
 def _attach(peft_model, config: MatryoshkaConfig, adapter_name: str) -> MatryoshkaState:
     state = MatryoshkaState(config, adapter_name)
-    prefix = "base_model.model."
-    for name, module in peft_model.named_modules():
-        if not isinstance(module, LoraLayer) or adapter_name not in module.r:
-            continue
-        short = name[len(prefix):] if name.startswith(prefix) else name
+    layers = dict(_lora_layers(peft_model, adapter_name))
+    _check_rank_fits(_shapes(layers), config.rank)
+    for short, module in layers.items():
         lora_B = module.lora_B[adapter_name] if adapter_name in module.lora_B else None
         if not isinstance(lora_B, torch.nn.Linear) or adapter_name in getattr(module, "lora_variant", {}):
             raise InvalidInput(
@@ -126,7 +172,7 @@ def _attach(peft_model, config: MatryoshkaConfig, adapter_name: str) -> Matryosh
         raise InvalidInput(f"target_modules={config.target_modules!r} adapted no layer")
     peft_model.matryoshka = state
     peft_model.save_pretrained = types.MethodType(_save_pretrained, peft_model)
-    _apply(state)
+    apply_gates(state)
     return state
 
 
@@ -140,7 +186,7 @@ def _gated_delta_weight(layer, adapter):
     """PEFT's ΔW = s_R · B A, with the gate: B diag(g / s_R) A · s_R. Used by merge_adapter / merge_and_unload."""
     state = layer._matryoshka_state
     gate = getattr(layer.lora_B[adapter], GATE)
-    if gate.dim() != 1 or (state.setting is None and state.config.method != "lora"):
+    if gate.dim() != 1 or (state.setting is None and not state.config.method_record.plain):
         raise InvalidInput(
             "cannot merge a matryoshka adapter in training mode or with per-example ranks: the merged weight "
             "would match no inference rank. Call set_rank(model, k) first, or use export_rank(..., merge=True)"
@@ -162,191 +208,8 @@ def _save_pretrained(peft_model, save_directory, *args, **kwargs):
         os.remove(marker)
     with tempfile.TemporaryDirectory(prefix=".saving-", dir=save_directory) as tmp:
         PeftModel.save_pretrained(peft_model, tmp, *args, **kwargs)
-        for root, _, files in os.walk(tmp):  # PEFT nests non-default adapter names in sub-folders
-            for name in files:
-                src = os.path.join(root, name)
-                dst = os.path.join(save_directory, os.path.relpath(src, tmp))
-                os.makedirs(os.path.dirname(dst), exist_ok=True)
-                os.replace(src, dst)
+        move_contents(tmp, save_directory)  # PEFT nests non-default adapter names in sub-folders
     peft_model.matryoshka.config.save(save_directory)
-
-
-def matryoshka_state(model) -> MatryoshkaState:
-    """The state of a matryoshka model, also through wrappers (DDP's ``.module``, torch.compile's ``_orig_mod``)."""
-    for _ in range(4):
-        if isinstance(getattr(model, "matryoshka", None), MatryoshkaState):
-            break
-        model = getattr(model, "module", None) or getattr(model, "_orig_mod", None) or model
-    state = getattr(model, "matryoshka", None)
-    if not isinstance(state, MatryoshkaState):
-        raise InvalidInput(
-            f"{type(model).__name__} is not a matryoshka model; create one with get_matryoshka_model "
-            "or load_matryoshka_model"
-        )
-    return state
-
-
-def set_rank(model, k) -> None:
-    """Choose the rank(s) the model runs at.
-
-    Args:
-        model: a model from ``get_matryoshka_model`` or ``load_matryoshka_model``.
-        k: ``None`` (training behaviour), an int in 1..R (the whole model at rank k:
-            ``y = W0x + s_k·B[:, :k]A[:k]x``), a dict ``{module-name regex: rank}`` (``re.search`` on names
-            such as ``model.layers.0.self_attn.q_proj``; first match wins, unmatched modules stay at R), or a 1-D
-            integer tensor with one rank per example of the next batches.
-
-    Raises:
-        ValueError: a rank outside 1..R, a regex that matches no layer, or the model is merged.
-    """
-    state = matryoshka_state(model)
-    if any(getattr(layer, "merged", False) for layer in state.layers.values()):
-        raise InvalidInput("the adapter is merged into the base weights; unmerge_adapter() before set_rank")
-    R = state.config.rank
-    if isinstance(k, dict):
-        k = dict(k)
-        _layer_ranks(state, k)  # validates
-    elif isinstance(k, torch.Tensor):
-        if k.dim() != 1 or k.is_floating_point() or k.numel() == 0:
-            raise InvalidInput(f"per-example ranks must be a non-empty 1-D integer tensor; got shape "
-                             f"{tuple(k.shape)} and dtype {k.dtype}")
-        batch_gate(R, k)  # validates
-    elif k is not None:
-        check_inference_rank(R, k)
-    state.setting = k
-    _apply(state)
-
-
-@contextlib.contextmanager
-def use_rank(model, k):
-    """``with use_rank(model, k):`` runs at rank(s) k (as ``set_rank``) and restores the previous choice."""
-    state = matryoshka_state(model)
-    previous = state.setting
-    set_rank(model, k)
-    try:
-        yield model
-    finally:
-        set_rank(model, previous)
-
-
-def set_fused(model, enabled: bool) -> None:
-    """Use the fused adapter branch (default, ``matryoshka_lora.fused``) or PEFT's own forward with the gate hook.
-
-    Both compute the same function; the PEFT path is the reference the fused one is tested against.
-    """
-    matryoshka_state(model).fused = bool(enabled)
-
-
-def sample_rank(model, generator: torch.Generator | None = None) -> int | list[int] | None:
-    """Draw the rank(s) of the next optimizer step. Call once per optimizer step, not per micro-batch.
-
-    DyLoRA: k uniform over ``config.dylora_choices()``, returned. Sandwich: the largest and smallest train
-    ranks plus ``sandwich_n`` others drawn without replacement, returned as a sorted list. Other methods
-    draw nothing and return ``None`` (so a trainer may call it unconditionally).
-    """
-    state = matryoshka_state(model)
-    if state.config.method == "sandwich":
-        return _sample_sandwich(state, generator)
-    if state.config.method != "dylora":
-        return None
-    choices = state.config.dylora_choices()
-    k = choices[int(torch.randint(len(choices), (1,), generator=generator).item())]
-    state.dylora_rank = k
-    if state.setting is None:
-        _apply(state)
-    return k
-
-
-def _sample_sandwich(state: MatryoshkaState, generator) -> list[int]:
-    S = state.config.train_ranks
-    middle = S[1:-1]
-    n = min(state.config.sandwich_n, len(middle))
-    picked = torch.randperm(len(middle), generator=generator)[:n].tolist()
-    state.step_ranks = sorted({S[0], S[-1], *(middle[i] for i in picked)})
-    return state.step_ranks
-
-
-def _training_gate(state: MatryoshkaState) -> torch.Tensor:
-    c = state.config
-    if c.method == "matryoshka":
-        return c.p()
-    if c.method == "dylora":
-        return rank_gate(c.rank, state.dylora_rank, c.scaling)
-    return rank_gate(c.rank, c.rank, c.scaling)  # lora; and stacked methods outside multi_rank_loss
-
-
-def inference_gate(config: MatryoshkaConfig, k: int) -> torch.Tensor:
-    """The gate of rank-k inference, shape (R,): s_k·1[:k] ("paper") or P·1[:k] ("prefix")."""
-    if config.inference == "prefix":
-        full = config.p() if config.method == "matryoshka" else rank_gate(config.rank, config.rank, config.scaling)
-        check_inference_rank(config.rank, k)
-        return full * (torch.arange(config.rank) < k)
-    return rank_gate(config.rank, k, config.scaling)
-
-
-def step_objective(model) -> tuple[list[int], list[float]]:
-    """(ranks, λ) of this step's stacked loss: the train ranks for "matryoshka-exact", the sandwich draw else."""
-    state = matryoshka_state(model)
-    c = state.config
-    if c.method == "matryoshka-exact":
-        return list(c.train_ranks), c.lambdas()
-    if c.method == "sandwich":
-        ranks = state.step_ranks or sorted({c.train_ranks[0], c.rank})
-        return ranks, [1.0 / len(ranks) if c.p_normalize else 1.0] * len(ranks)
-    raise InvalidInput(f"method {c.method!r} trains one function per step; step_objective is for "
-                     "matryoshka-exact and sandwich")
-
-
-def _layer_ranks(state: MatryoshkaState, ranks: dict) -> dict[str, int]:
-    """{layer name: rank} for a {regex: rank} dict; first match wins, unmatched layers stay at R."""
-    R = state.config.rank
-    patterns = []
-    for pattern, k in ranks.items():
-        try:
-            patterns.append((re.compile(pattern), k))
-        except (re.error, TypeError) as e:
-            raise InvalidInput(f"per-layer rank key {pattern!r} is not a valid regex: {e}") from None
-        check_inference_rank(R, k)
-    out, used = {}, set()
-    for name in state.layers:
-        for regex, k in patterns:
-            if regex.search(name):
-                out[name] = k
-                used.add(regex.pattern)
-                break
-        else:
-            out[name] = R
-    unused = [p.pattern for p, _ in patterns if p.pattern not in used]
-    if unused:
-        example = next(iter(state.layers))
-        raise InvalidInput(f"per-layer rank patterns {unused} match no adapted layer (names look like {example!r})")
-    return out
-
-
-def _apply(state: MatryoshkaState) -> None:
-    """Write the gate of the current setting into every layer (divided by s_R, which PEFT multiplies back)."""
-    c = state.config
-    k = state.setting
-    if k is None:
-        gates = dict.fromkeys(state.layers, _training_gate(state))
-    elif isinstance(k, int):
-        gates = dict.fromkeys(state.layers, inference_gate(c, k))
-    elif isinstance(k, dict):
-        by_rank = {}
-        gates = {name: by_rank.setdefault(r, inference_gate(c, r)) for name, r in _layer_ranks(state, k).items()}
-    else:
-        gates = dict.fromkeys(state.layers, _batch_inference_gate(c, k))
-    for name, layer in state.layers.items():
-        lora_B = layer.lora_B[state.adapter_name]
-        setattr(lora_B, GATE, (gates[name] / c.scale_max).to(lora_B.weight.device))
-
-
-def _batch_inference_gate(config: MatryoshkaConfig, ks: torch.Tensor) -> torch.Tensor:
-    """One inference gate per example, (B, R)."""
-    if config.inference == "paper":
-        return batch_gate(config.rank, ks, config.scaling)
-    rows = {k: inference_gate(config, k) for k in ks.unique().tolist()}
-    return torch.stack([rows[k] for k in ks.tolist()])
 
 
 def paper_init_(peft_model) -> None:

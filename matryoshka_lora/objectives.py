@@ -6,8 +6,9 @@ over |S| times the tokens instead of |S| passes.
 import torch
 import torch.nn.functional as F
 
-from .model import matryoshka_state, step_objective, use_rank
 from .errors import InvalidInput
+from .selection import matryoshka_state, step_objective, use_rank
+from .ranks import uniform_weights
 
 
 def multi_rank_losses(model, input_ids, labels, attention_mask=None, ranks=None, weights=None,
@@ -27,12 +28,12 @@ def multi_rank_losses(model, input_ids, labels, attention_mask=None, ranks=None,
     """
     config = matryoshka_state(model).config
     if ranks is None:
-        ranks, default_weights = step_objective(model) if config.method in ("matryoshka-exact", "sandwich") \
+        ranks, default_weights = step_objective(model) if config.method_record.stacked \
             else (list(config.train_ranks), config.lambdas())
         weights = default_weights if weights is None else weights
     ranks = [int(r) for r in ranks]
     if weights is None:
-        weights = [1.0 / len(ranks) if config.p_normalize else 1.0] * len(ranks)
+        weights = uniform_weights(len(ranks), config.p_normalize)
     if len(weights) != len(ranks):
         raise InvalidInput(f"{len(weights)} weights for {len(ranks)} ranks; give one weight per rank")
     n, B = len(ranks), input_ids.shape[0]

@@ -56,6 +56,11 @@ def check_train_ranks(rank: int, train_ranks: Sequence[int]) -> list[str]:
     return problems
 
 
+def uniform_weights(n: int, normalize: bool) -> list[float]:
+    """λ_r for n ranks: 1 each (Algorithm 1), or 1/n each (Appendix B's normalised weights)."""
+    return [1.0 / n if normalize else 1.0] * n
+
+
 def p_vector(rank: int, train_ranks: Sequence[int], scaling: str = "none", weights=None) -> torch.Tensor:
     """Algorithm 1: ``P_i = sum over r in S with r >= i of w_r * s_r``, shape (rank,).
 

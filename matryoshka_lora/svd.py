@@ -10,24 +10,23 @@ the result is an ordinary nested adapter: ``use_rank(k)`` and ``export_rank(k)``
 The source is a run of this library trained with ``method: lora`` or any PEFT LoRA adapter folder (e.g. from
 TRL or a PEFT script): nested ranks for an adapter that was never trained for them (`lora-svd` in compare).
 """
-import argparse
 import dataclasses
-import json
 import math
 import os
 import shutil
 
 import torch
-from safetensors.torch import save_file
 
-from .adapter_io import ADAPTER_CONFIG_NAME, WEIGHTS_NAME, _atomic_dir, _json_ready, _source, read_json, read_weights
-from .config import CONFIG_NAME, MatryoshkaConfig
-from .errors import ArgumentParser, InvalidInput, UserError
+from .adapter_io import read_adapter, read_json, read_weights, write_adapter_dir
+from .config import MatryoshkaConfig
+from .errors import InvalidInput
+from .files import atomic_dir
+from .methods import METHODS
+from .rundir import ADAPTER_CONFIG, ADAPTER_FILES, MATRYOSHKA_CONFIG
 
 # LoraConfig fields of a PEFT adapter carried over as they are (they choose layers, not the adapter's math)
 CARRIED_PEFT_FIELDS = {"layers_to_transform": None, "layers_pattern": None, "modules_to_save": None,
                        "exclude_modules": None, "fan_in_fan_out": False, "bias": "none"}
-ADAPTER_FILES = {WEIGHTS_NAME, ADAPTER_CONFIG_NAME, CONFIG_NAME}
 
 
 def svd_factors(A: torch.Tensor, B: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -56,7 +55,7 @@ def peft_lora_source(directory: str) -> tuple[MatryoshkaConfig, dict, dict, floa
         InvalidInput: not a LoRA adapter, or one whose ΔW is not one rank-r product per layer (DoRA, a LoRA
             bias, per-module ranks or alphas, embedding or parameter LoRA), every problem listed.
     """
-    peft_config = read_json(os.path.join(directory, ADAPTER_CONFIG_NAME))
+    peft_config = read_json(os.path.join(directory, ADAPTER_CONFIG))
     weights = read_weights(directory)
     r, alpha = peft_config.get("r"), peft_config.get("lora_alpha")
     problems = []
@@ -101,14 +100,15 @@ def svd_adapter(model_or_dir, out_dir, train_ranks: list[int] | None = None, kee
         ValueError: the adapter was trained with another method, or cannot be re-factored.
     """
     is_peft = isinstance(model_or_dir, (str, os.PathLike)) and not os.path.isfile(
-        os.path.join(model_or_dir, CONFIG_NAME))
+        os.path.join(model_or_dir, MATRYOSHKA_CONFIG))
     if is_peft:
         config, peft_config, weights, scale = peft_lora_source(os.fspath(model_or_dir))
     else:
-        config, peft_config, weights = _source(model_or_dir)
+        config, peft_config, weights = read_adapter(model_or_dir)
         scale = config.scale_max
-    if config.method != "lora":
-        raise InvalidInput(f"lora-svd needs an adapter trained with method 'lora', not {config.method!r}, whose "
+    if not config.method_record.plain:
+        plain = " or ".join(repr(name) for name, m in METHODS.items() if m.plain)
+        raise InvalidInput(f"lora-svd needs an adapter trained with method {plain}, not {config.method!r}, whose "
                            "ranks are nested already: evaluate or export it as it is")
     out = {}
     for key, A in weights.items():
@@ -122,11 +122,8 @@ def svd_adapter(model_or_dir, out_dir, train_ranks: list[int] | None = None, kee
                                      train_ranks=train_ranks or (None if is_peft else config.train_ranks))
     # alpha / r = 1 = s_R of scaling "none"; rsLoRA would turn it into alpha / sqrt(r)
     peft_config = dict(peft_config, lora_alpha=config.rank, use_rslora=False)
-    with _atomic_dir(out_dir) as tmp:
-        save_file(out, os.path.join(tmp, WEIGHTS_NAME), metadata={"format": "pt"})
-        with open(os.path.join(tmp, ADAPTER_CONFIG_NAME), "w") as f:
-            json.dump(_json_ready(peft_config), f, indent=2)
-        new_config.save(tmp)
+    with atomic_dir(out_dir) as tmp:
+        write_adapter_dir(tmp, out, peft_config, new_config)
         if keep_run_files and isinstance(model_or_dir, (str, os.PathLike)):
             for name in os.listdir(model_or_dir):
                 src = os.path.join(model_or_dir, name)
@@ -151,50 +148,3 @@ def energy_captured(weights: dict, ranks: list[int]) -> list[float]:
         if total > 0:
             shares.append([sigma2[:k].sum().item() / total for k in ranks])
     return [sum(s[i] for s in shares) / len(shares) if shares else 0.0 for i in range(len(ranks))]
-
-
-def build_parser():
-    p = ArgumentParser(
-        prog="matryoshka-lora svd", formatter_class=argparse.RawDescriptionHelpFormatter,
-        description="Give a trained plain LoRA adapter nested ranks: re-factor each layer's ΔW by its SVD, so\n"
-                    "that the first k components are its best rank-k approximation (Eckart-Young). The result is\n"
-                    "a nested adapter folder like a training run's: evaluate and export any rank k <= r.",
-        epilog="examples:\n"
-               "  matryoshka-lora svd runs/my-lora-run                       # a run trained with --method lora\n"
-               "  matryoshka-lora eval runs/my-lora-run-svd                  # accuracy at every rank\n"
-               "  matryoshka-lora svd path/to/peft-adapter --output_dir nested   # any PEFT LoRA adapter\n"
-               "  matryoshka-lora export nested --ranks 4,16                 # ranks as standard PEFT adapters")
-    p.add_argument("adapter_dir", help="a matryoshka-lora run trained with method lora, or a PEFT LoRA adapter "
-                                       "folder (adapter_config.json + adapter_model.safetensors)")
-    p.add_argument("--output_dir", default=None, help="where to write the nested adapter (default: ADAPTER_DIR-svd)")
-    p.add_argument("--ranks", default=None, help="the ranks listed as the adapter's own, e.g. 1,2,4,8 (the default "
-                                                 "ranks of eval and export; default: the run's, or powers of two)")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing OUTPUT_DIR")
-    return p
-
-
-def main(argv) -> int:
-    from .evaluate import parse_ranks
-
-    args = build_parser().parse_args(argv)
-    src = args.adapter_dir
-    if not os.path.isdir(src):
-        raise UserError(f"adapter folder {src!r} not found")
-    out = args.output_dir or os.path.normpath(src) + "-svd"
-    if os.path.abspath(out) == os.path.abspath(src):
-        raise UserError(f"--output_dir {out!r} is the adapter folder itself; choose another folder")
-    if os.path.isdir(out) and os.listdir(out) and not args.overwrite:
-        raise UserError(f"--output_dir {out!r} already exists; add --overwrite to replace it, or choose another")
-    if os.path.exists(out) and not os.path.isdir(out):
-        raise UserError(f"--output_dir {out!r} is a file; choose a folder")
-    svd_adapter(src, out, parse_ranks(args.ranks), keep_run_files=True)
-    config = MatryoshkaConfig.load(out)
-    shares = energy_captured(read_weights(out), config.train_ranks)
-    print(f"wrote the nested adapter (R = {config.rank}) to {out}\n\nshare of ‖ΔW‖² kept at each rank "
-          "(mean over layers):\n")
-    print("| rank | " + " | ".join(map(str, config.train_ranks)) + " |\n|" + "---|" * (len(shares) + 1))
-    print("| kept | " + " | ".join(f"{100 * x:.1f}%" for x in shares) + " |\n")
-    is_run = os.path.isfile(os.path.join(out, "train_config.yaml"))
-    print(f"next: matryoshka-lora eval {out}    (accuracy at every rank)\n      " if is_run else "next: ", end="")
-    print(f"matryoshka-lora export {out} --ranks {','.join(map(str, config.train_ranks[:2]))}  (standard PEFT adapters)")
-    return 0

@@ -6,7 +6,10 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, Qwen2Config
 
+from matryoshka_lora import MatryoshkaConfig, get_matryoshka_model
+
 SMOL_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+VOCAB = 128
 
 
 def smol_dir() -> str | None:
@@ -30,6 +33,27 @@ def tiny_config(kind: str = "llama", vocab_size: int = 49152):
 def tiny_model(kind: str = "llama", vocab_size: int = 128, seed: int = 0):
     torch.manual_seed(seed)
     return AutoModelForCausalLM.from_config(tiny_config(kind, vocab_size)).eval()
+
+
+def randomize_(model, seed=1):
+    """Non-zero A and B: a zero B hides bugs."""
+    g = torch.Generator().manual_seed(seed)
+    state = model.matryoshka
+    with torch.no_grad():
+        for layer in state.layers.values():
+            for w in (layer.lora_A[state.adapter_name].weight, layer.lora_B[state.adapter_name].weight):
+                w.copy_(torch.randn(w.shape, generator=g) * 0.5)
+    return model
+
+
+def wrapped(kind="llama", seed=0, **cfg):
+    cfg.setdefault("rank", 8)
+    cfg.setdefault("method", "matryoshka")  # the tests of the gate P; the library's default is dylora
+    return randomize_(get_matryoshka_model(tiny_model(kind, VOCAB, seed), MatryoshkaConfig(**cfg)))
+
+
+def tokens(batch=3, length=7, seed=0):
+    return torch.randint(0, VOCAB, (batch, length), generator=torch.Generator().manual_seed(seed))
 
 
 @pytest.fixture(scope="module")

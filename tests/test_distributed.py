@@ -18,7 +18,8 @@ import torch
 from safetensors.torch import load_file
 
 from matryoshka_lora import cli
-from matryoshka_lora.train import _sharding_args, parse_args
+from matryoshka_lora.cli.train import parse_args
+from matryoshka_lora.training.sharding import sharding_args
 
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"]
 
@@ -77,12 +78,11 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def launch(launcher, args, out, batch, ok=True):
+def launch(launcher, args, out, batch):
     env = dict(os.environ, OMP_NUM_THREADS="1")
     proc = subprocess.run([*launcher, *args, "--batch_size", str(batch), "--output_dir", out], capture_output=True,
                           text=True, env=env, timeout=300)
-    if ok:
-        assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.returncode == 0, proc.stderr[-3000:]
     return proc
 
 
@@ -241,7 +241,8 @@ from matryoshka_lora.model import get_matryoshka_model, set_fused, use_rank
 
 dist.init_process_group("gloo")
 torch.manual_seed(0)
-model = get_matryoshka_model(AutoModelForCausalLM.from_pretrained(sys.argv[1]), MatryoshkaConfig(rank=4))
+model = get_matryoshka_model(AutoModelForCausalLM.from_pretrained(sys.argv[1]),
+                             MatryoshkaConfig(rank=4, method="matryoshka"))
 with torch.no_grad():
     for layer in model.matryoshka.layers.values():
         layer.lora_B["default"].weight.normal_()  # B = 0 at init would make every rank the same
@@ -278,17 +279,43 @@ def test_set_rank_reaches_the_gates_under_fsdp2(tiny_llama_dir, tmp_path):
     assert proc.stdout.count("ranks honoured under FSDP2") == 2
 
 
+def launch_each(argv, logs, nproc=2, timeout=300):
+    """Start ``nproc`` processes with the variables torchrun gives its workers and wait for every one of them.
+
+    torchrun stops the other workers (SIGTERM) as soon as one exits non-zero, so what the others print when they
+    fail too is a race; here each process runs to its own end. Returns [(exit code, stderr)] by rank."""
+    port, procs, files = free_port(), [], []
+    try:
+        for rank in range(nproc):
+            env = dict(os.environ, OMP_NUM_THREADS="1", RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(nproc),
+                       LOCAL_WORLD_SIZE=str(nproc), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+            files.append(open(logs / f"rank{rank}.err", "w+"))  # files, not pipes: no process blocks on a full pipe
+            procs.append(subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=files[-1], text=True, env=env))
+        codes = [p.wait(timeout=timeout) for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+        for f in files:
+            f.close()
+    return [(code, (logs / f"rank{rank}.err").read_text()) for rank, code in enumerate(codes)]
+
+
 def test_fsdp_on_cpu_is_refused_in_one_line(tiny_llama_dir, tmp_path):
-    """Plain accelerate does not shard CPU processes: --fsdp there is an error, not DDP under another name."""
+    """Plain accelerate does not shard CPU processes: --fsdp there is an error, not DDP under another name.
+    Every process refuses alike: one line, exit code 2, no traceback, and the folder the main process's Trainer
+    created is removed again. (Under torchrun only the first process to exit is certain to print: torchrun then
+    stops the other; hence the processes are started here as torchrun would start them, and each is awaited.)"""
     out = tmp_path / "out"
-    proc = launch([*TORCHRUN, "--master_port", str(free_port()), "-m", "matryoshka_lora", "train"],
-                  [*sharded_args(tiny_llama_dir, "dylora"), "--fsdp", "true"], str(out), 2, ok=False)
-    assert proc.returncode != 0
-    lines = [ln for ln in proc.stderr.splitlines() if "matryoshka-lora train: error:" in ln]
-    assert len(lines) == 2  # one line from each process, no traceback
-    assert all("fsdp='true': accelerate" in ln and "did not shard the model on cpu" in ln and
-               "remove fsdp to train with DDP" in ln for ln in lines), lines
-    assert "]: Traceback" not in proc.stderr  # none from the processes (torchrun prints its own on a failed child)
+    runs = launch_each([sys.executable, "-m", "matryoshka_lora", "train", *sharded_args(tiny_llama_dir, "dylora"),
+                        "--fsdp", "true", "--batch_size", "2", "--output_dir", str(out)], tmp_path)
+    for rank, (code, err) in enumerate(runs):
+        lines = [ln for ln in err.splitlines() if "matryoshka-lora train: error:" in ln]
+        assert code == 2 and len(lines) == 1, (rank, code, err[-3000:])  # one line per process
+        assert lines[0].startswith("matryoshka-lora train: error: fsdp='true': accelerate") and \
+            "did not shard the model on cpu" in lines[0] and lines[0].endswith("remove fsdp to train with DDP"), lines
+        assert "Traceback" not in err, (rank, err[-3000:])
     assert not out.exists()
 
 
@@ -321,20 +348,20 @@ def test_sharding_keys_reach_the_training_arguments(tmp_path):
     fsdp_json.write_text('{"fsdp_version": 2, "cpu_offload": true}')
     assert parse_args(["--fsdp"]).fsdp == "true"  # the flag alone
     assert parse_args(["--fsdp", "false"]).fsdp == ""
-    assert _sharding_args(parse_args([])) == {}
+    assert sharding_args(parse_args([])) == {}
     c = parse_args(["--fsdp", "full_shard auto_wrap", "--fsdp_config", str(fsdp_json)])
-    assert _sharding_args(c) == {"fsdp": True, "fsdp_config": {"fsdp_version": 2, "cpu_offload": True,
-                                                                "reshard_after_forward": True}}
+    assert sharding_args(c) == {"fsdp": True, "fsdp_config": {"fsdp_version": 2, "cpu_offload": True,
+                                                               "reshard_after_forward": True}}
     c = parse_args(["--fsdp", "shard_grad_op,offload"])
-    assert _sharding_args(c) == {"fsdp": True, "fsdp_config": {"reshard_after_forward": False, "cpu_offload": True}}
+    assert sharding_args(c) == {"fsdp": True, "fsdp_config": {"reshard_after_forward": False, "cpu_offload": True}}
     c = parse_args(["--fsdp", "yes", "--fsdp_config", "{reshard_after_forward: false}"])
-    assert _sharding_args(c) == {"fsdp": True, "fsdp_config": {"reshard_after_forward": False}}
+    assert sharding_args(c) == {"fsdp": True, "fsdp_config": {"reshard_after_forward": False}}
     cfg = tmp_path / "c.yaml"
     cfg.write_text("fsdp: true\nfsdp_config: {version: 2}\n")
-    assert _sharding_args(parse_args([str(cfg)])) == {"fsdp": True, "fsdp_config": {"version": 2}}
+    assert sharding_args(parse_args([str(cfg)])) == {"fsdp": True, "fsdp_config": {"version": 2}}
     ds = tmp_path / "ds.json"
     ds.write_text('{"zero_optimization": {"stage": 2}}')
-    assert _sharding_args(parse_args(["--deepspeed", str(ds)])) == {"deepspeed": str(ds)}
+    assert sharding_args(parse_args(["--deepspeed", str(ds)])) == {"deepspeed": str(ds)}
 
 
 BAD = [

@@ -10,7 +10,9 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from matryoshka_lora import MatryoshkaConfig, get_matryoshka_model
 from matryoshka_lora.cli import main as cli_main
-from matryoshka_lora.evaluate import evaluate_run, log_aurac_allowed, markdown_table
+from matryoshka_lora.evaluation import evaluate_run
+from matryoshka_lora.evaluation.results import log_aurac_allowed
+from matryoshka_lora.report import markdown_table
 from matryoshka_lora.ranks import aurac, log_aurac
 
 
@@ -28,7 +30,7 @@ GSM_ROWS = [
 def make_run(tiny_llama_dir, run_dir, rank=8, data="arithmetic", seed=0):
     """A run folder as `train` writes it, with random non-zero lora_B so every rank differs."""
     base = AutoModelForCausalLM.from_pretrained(tiny_llama_dir)
-    model = get_matryoshka_model(base, MatryoshkaConfig(rank=rank))
+    model = get_matryoshka_model(base, MatryoshkaConfig(rank=rank, method="matryoshka"))
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in model.named_parameters():
@@ -112,7 +114,7 @@ def test_stacked_equals_sequential(run_dir, gsm_dir, tmp_path):
 
 
 def test_resume_skips_finished_ranks(run_dir, gsm_dir, tmp_path, monkeypatch):
-    import matryoshka_lora.evaluate as ev
+    import matryoshka_lora.evaluation.backends as ev
 
     out = str(tmp_path / "eval")
     kwargs = dict(task=gsm_dir, ranks=[1, 4], max_new_tokens=4, batch_size=3, output_dir=out, progress=False)
@@ -196,7 +198,7 @@ def test_bad_options_exit_2(run_dir, gsm_dir, tmp_path, capsys, args, message):
 
 
 def test_fewshot_prompt_layout(gsm_dir):
-    from matryoshka_lora.evaluate import load_task
+    from matryoshka_lora.evaluation.tasks import load_task
 
     task = load_task(gsm_dir, limit=2, shots=2, fewshot_data=None, fewshot_seed=1234)
     train = {f"Question: {q}\nAnswer: {a}" for q, a in GSM_ROWS[3:]}
@@ -249,7 +251,7 @@ def test_eval_inference_the_method_cannot_use_exits_2(run_dir, gsm_dir, tmp_path
 
 
 def test_score_only_skips_generation_and_keeps_the_full_evaluation(run_dir, gsm_dir, tmp_path, monkeypatch):
-    import matryoshka_lora.evaluate as ev
+    import matryoshka_lora.evaluation.backends as ev
 
     run = copy_run(run_dir, tmp_path / "run")
     kwargs = dict(task=gsm_dir, ranks=[1, 2, 8], max_new_tokens=4, batch_size=2, progress=False)

@@ -7,14 +7,14 @@ from transformers import AutoModelForCausalLM
 
 from matryoshka_lora import MatryoshkaConfig, get_matryoshka_model, use_rank
 from matryoshka_lora.cli import main
-from test_core import randomize_
+from conftest import randomize_
 
 
 @pytest.fixture(scope="module")
 def run(tiny_llama_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("run")
     model = randomize_(get_matryoshka_model(AutoModelForCausalLM.from_pretrained(tiny_llama_dir),
-                                            MatryoshkaConfig(rank=4, scaling="sqrt")))
+                                            MatryoshkaConfig(rank=4, scaling="sqrt", method="matryoshka")))
     model.save_pretrained(out)
     (out / "train_config.yaml").write_text(yaml.safe_dump({"model": tiny_llama_dir, "model_path": tiny_llama_dir}))
     return out, model

@@ -1,7 +1,7 @@
 """Answer extraction and exact match: hand-checked values, and agreement with lm-eval's own filter and metric."""
 import pytest
 
-from matryoshka_lora.extract import (FALLBACK, GSM8K_IGNORE, exact_match, flexible_extract, gsm8k_scores,
+from matryoshka_lora.evaluation.extract import (FALLBACK, GSM8K_IGNORE, exact_match, flexible_extract, gsm8k_scores,
                                      normalize, strict_extract, truncate_at_stop)
 
 # (completion, strict, flexible) checked by hand against the regexes of lm_eval/tasks/gsm8k/gsm8k.yaml
@@ -86,7 +86,7 @@ def _lm_eval_gsm8k():
 
 def test_constants_match_installed_gsm8k_yaml():
     config, _, metric, _ = _lm_eval_gsm8k()
-    from matryoshka_lora import extract
+    from matryoshka_lora.evaluation import extract
 
     assert tuple(config["generation_kwargs"]["until"]) == extract.GSM8K_STOP
     assert tuple(metric["regexes_to_ignore"]) == extract.GSM8K_IGNORE

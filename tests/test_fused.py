@@ -25,6 +25,7 @@ def randomize_(model, seed=1, scale=0.5):
 def pair(kind="llama", dtype=torch.float32, scale=0.5, **cfg):
     """The same model twice: one on the fused path, one on PEFT's reference path."""
     cfg.setdefault("rank", 8)
+    cfg.setdefault("method", "matryoshka")
     model = get_matryoshka_model(tiny_model(kind, VOCAB).to(dtype), MatryoshkaConfig(**cfg))
     fused = randomize_(model, scale=scale)
     reference = copy.deepcopy(fused)

@@ -5,7 +5,7 @@ from transformers import AutoTokenizer
 
 from conftest import tiny_model
 from matryoshka_lora import MatryoshkaConfig, get_matryoshka_model, use_rank
-from matryoshka_lora.generate import (PRETRAINED, encode_pair, generate_at_ranks, pad_left, rank_passes,
+from matryoshka_lora.evaluation.generate import (PRETRAINED, encode_pair, generate_at_ranks, pad_left, rank_passes,
                                       score_at_ranks)
 
 
@@ -27,7 +27,7 @@ def tokenizer(smol_tokenizer_dir):
 def model():
     base = tiny_model("llama", vocab_size=49152, seed=1)
     base.set_attn_implementation("eager")
-    peft_model = get_matryoshka_model(base, MatryoshkaConfig(rank=8))
+    peft_model = get_matryoshka_model(base, MatryoshkaConfig(rank=8, method="matryoshka"))
     gen = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for name, p in peft_model.named_parameters():

@@ -9,7 +9,7 @@ from test_evaluate import GSM_ROWS, make_run, write_jsonl
 pytest.importorskip("lm_eval")
 
 from matryoshka_lora.cli import main as cli_main  # noqa: E402
-from matryoshka_lora.evaluate import evaluate_run  # noqa: E402
+from matryoshka_lora.evaluation import evaluate_run  # noqa: E402
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -3,10 +3,9 @@ import pytest
 import torch
 from peft import PeftModel
 
-from conftest import tiny_model
 from matryoshka_lora import (MatryoshkaConfig, export_rank, multi_rank_loss, multi_rank_losses, p_vector,
                              sample_rank, step_objective, use_rank)
-from test_core import VOCAB, tokens, wrapped
+from conftest import VOCAB, tiny_model, tokens, wrapped
 
 
 def test_normalised_and_general_weights():
@@ -32,7 +31,7 @@ def test_bad_objective_config(kwargs, match):
 
 
 def test_read_as_another_inference_rule():
-    c = MatryoshkaConfig(rank=8, scaling="sqrt", weights=[4, 3, 2, 1])
+    c = MatryoshkaConfig(rank=8, scaling="sqrt", weights=[4, 3, 2, 1], method="matryoshka")
     assert c.read_as(None) is c and c.read_as("paper") is c
     prefix = c.read_as("prefix")
     assert prefix.inference == "prefix" and c.inference == "paper"
@@ -115,7 +114,8 @@ def test_multi_rank_loss_explicit_ranks_and_weights():
 
 
 def test_sandwich_draws_smallest_largest_and_n_between():
-    model = wrapped(method="sandwich", train_ranks=[1, 2, 4, 8, 16, 32], rank=32, sandwich_n=2, p_normalize=True)
+    model = wrapped(method="sandwich", train_ranks=[1, 2, 4, 8, 16, 32], rank=32, sandwich_n=2, p_normalize=True,
+                    target_modules=["q_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])  # k, v: 16 wide
     g = torch.Generator().manual_seed(0)
     draws = [sample_rank(model, g) for _ in range(30)]
     assert all(d[0] == 1 and d[-1] == 32 and len(d) == 4 for d in draws)

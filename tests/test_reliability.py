@@ -10,8 +10,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from matryoshka_lora import cli
-from matryoshka_lora import train as train_mod
+from matryoshka_lora import cli, rundir
+from matryoshka_lora.cli.train import parse_args
+from matryoshka_lora.training import train
+from matryoshka_lora.training.trainer import MatryoshkaTrainer
 
 
 @pytest.fixture(scope="module")
@@ -21,27 +23,26 @@ def args(tiny_llama_dir):
             "--method", "dylora", "--max_steps", "4", "--save_steps", "2", "--seed", "11"]
 
 
-def inject(monkeypatch, kill_at=None, sig=signal.SIGINT, nan_steps=()):
-    """Make the Trainer send ``sig`` to this process during step ``kill_at`` and return a NaN loss at
+def faulty(kill_at=None, sig=signal.SIGINT, nan_steps=()):
+    """A Trainer that sends ``sig`` to this process during step ``kill_at`` and returns a NaN loss at
     ``nan_steps`` (1-based optimizer steps)."""
-    original = train_mod._trainer_classes
 
-    def classes():
-        trainer, *rest = original()
+    class Faulty(MatryoshkaTrainer):
+        def compute_loss(self, model, inputs, *a, **k):
+            loss = super().compute_loss(model, inputs, *a, **k)
+            step = self.state.global_step + 1
+            if step == kill_at:
+                os.kill(os.getpid(), sig)
+            if step in nan_steps:
+                loss = loss * float("nan")
+            return loss
 
-        class Faulty(trainer):
-            def compute_loss(self, model, inputs, *a, **k):
-                loss = super().compute_loss(model, inputs, *a, **k)
-                step = self.state.global_step + 1
-                if step == kill_at:
-                    os.kill(os.getpid(), sig)
-                if step in nan_steps:
-                    loss = loss * float("nan")
-                return loss
+    return Faulty
 
-        return (Faulty, *rest)
 
-    monkeypatch.setattr(train_mod, "_trainer_classes", classes)
+def train_with(trainer_class, argv) -> int:
+    """`matryoshka-lora train ARGV` with another Trainer class: its exit code."""
+    return cli.run_guarded(lambda a: train(parse_args(a), trainer_class) and 0, argv, prog="matryoshka-lora train")
 
 
 def weights(run):
@@ -61,17 +62,15 @@ def straight(args, tmp_path_factory):
 
 
 @pytest.mark.parametrize("sig,code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
-def test_signal_saves_checkpoint_and_resume_matches(args, straight, tmp_path, monkeypatch, capsys, sig, code):
+def test_signal_saves_checkpoint_and_resume_matches(args, straight, tmp_path, capsys, sig, code):
     run = str(tmp_path / "run")
-    inject(monkeypatch, kill_at=1, sig=sig)
-    assert cli.main(["train", *args, "--output_dir", run]) == code
+    assert train_with(faulty(kill_at=1, sig=sig), [*args, "--output_dir", run]) == code
     err = capsys.readouterr().err
     assert f"stopped by {signal.Signals(sig).name} after step 1" in err and "--resume" in err
     assert "Traceback" not in err
-    assert os.path.isfile(os.path.join(run, "checkpoints", "checkpoint-1", train_mod.CHECKPOINT_DONE))
-    assert not os.path.exists(os.path.join(run, train_mod.COMPLETE_NAME))  # not a finished run
+    assert os.path.isfile(os.path.join(run, "checkpoints", "checkpoint-1", rundir.CHECKPOINT_DONE))
+    assert not os.path.exists(os.path.join(run, rundir.COMPLETE))  # not a finished run
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handlers restored
-    monkeypatch.undo()
     assert cli.main(["train", *args, "--output_dir", run, "--resume"]) == 0
     got, want = weights(run), weights(straight)
     for key in want:
@@ -85,42 +84,39 @@ def test_second_signal_exits_at_once(args, tmp_path):
     script.write_text(textwrap.dedent(f"""
         import os, signal, sys
         sys.path.insert(0, {os.path.dirname(__file__)!r})
-        from matryoshka_lora import cli, train as train_mod
-        original = train_mod._trainer_classes
-        def classes():
-            trainer, *rest = original()
-            class Twice(trainer):
-                def compute_loss(self, *a, **k):
-                    os.kill(os.getpid(), signal.SIGINT)
-                    os.kill(os.getpid(), signal.SIGINT)
-                    return super().compute_loss(*a, **k)
-            return (Twice, *rest)
-        train_mod._trainer_classes = classes
-        sys.exit(cli.main(["train", *{args!r}, "--output_dir", {str(tmp_path / "run")!r}]))
+        from matryoshka_lora import cli
+        from matryoshka_lora.cli.train import parse_args
+        from matryoshka_lora.training import train
+        from matryoshka_lora.training.trainer import MatryoshkaTrainer
+        class Twice(MatryoshkaTrainer):
+            def compute_loss(self, *a, **k):
+                os.kill(os.getpid(), signal.SIGINT)
+                os.kill(os.getpid(), signal.SIGINT)
+                return super().compute_loss(*a, **k)
+        argv = ["train", *{args!r}, "--output_dir", {str(tmp_path / "run")!r}][1:]
+        sys.exit(cli.run_guarded(lambda a: train(parse_args(a), Twice) and 0, argv, prog="matryoshka-lora train"))
     """))
     proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 130, proc.stderr[-2000:]
     assert not os.path.isdir(os.path.join(tmp_path, "run", "checkpoints", "checkpoint-1"))
 
 
-def test_transient_nan_step_is_skipped(args, tmp_path, monkeypatch, capsys):
+def test_transient_nan_step_is_skipped(args, tmp_path, capsys):
     run = str(tmp_path / "run")
-    inject(monkeypatch, nan_steps={2})
-    assert cli.main(["train", *args, "--output_dir", run]) == 0
+    assert train_with(faulty(nan_steps={2}), [*args, "--output_dir", run]) == 0
     out = capsys.readouterr().out
     assert "step 2: non-finite loss or gradient, step skipped (1 in a row, 1 in all)" in out
     assert all(torch.isfinite(t).all() for t in weights(run).values())
 
 
-def test_persistent_nan_stops_and_keeps_last_good_checkpoint(args, tmp_path, monkeypatch, capsys):
+def test_persistent_nan_stops_and_keeps_last_good_checkpoint(args, tmp_path, capsys):
     run = str(tmp_path / "run")
-    inject(monkeypatch, nan_steps={3, 4})
-    code = cli.main(["train", *args, "--output_dir", run, "--max_bad_steps", "2", "--save_steps", "1"])
+    code = train_with(faulty(nan_steps={3, 4}), [*args, "--output_dir", run, "--max_bad_steps", "2", "--save_steps", "1"])
     err = capsys.readouterr().err
     assert code == 1 and "2 optimizer steps in a row had a non-finite loss" in err and "Traceback" not in err
     assert "checkpoint-2" in err
-    assert train_mod.latest_checkpoint(run).endswith("checkpoint-2")
-    assert not os.path.exists(os.path.join(run, train_mod.COMPLETE_NAME))
+    assert rundir.latest_checkpoint(run).endswith("checkpoint-2")
+    assert not os.path.exists(os.path.join(run, rundir.COMPLETE))
     good = load_file(os.path.join(run, "checkpoints", "checkpoint-2", "adapter_model.safetensors"))
     assert all(torch.isfinite(t).all() for t in good.values())
 
@@ -131,20 +127,18 @@ def test_resume_ignores_a_partial_checkpoint(straight, tmp_path):
 
     run = str(tmp_path / "run")
     shutil.copytree(straight, run)
-    newest = train_mod.latest_checkpoint(run)
+    newest = rundir.latest_checkpoint(run)
     partial = os.path.join(run, "checkpoints", "checkpoint-99")
     shutil.copytree(newest, partial)
-    os.remove(os.path.join(partial, train_mod.CHECKPOINT_DONE))
+    os.remove(os.path.join(partial, rundir.CHECKPOINT_DONE))
     with open(os.path.join(partial, "adapter_model.safetensors"), "wb") as f:
         f.write(b"half")
-    assert train_mod.latest_checkpoint(run) == newest
+    assert rundir.latest_checkpoint(run) == newest
 
 
-def test_resume_with_another_seed_warns(args, straight, tmp_path, monkeypatch, capsys):
+def test_resume_with_another_seed_warns(args, straight, tmp_path, capsys):
     run = str(tmp_path / "run")
-    inject(monkeypatch, kill_at=1)
-    assert cli.main(["train", *args, "--output_dir", run]) == 130
-    monkeypatch.undo()
+    assert train_with(faulty(kill_at=1), [*args, "--output_dir", run]) == 130
     capsys.readouterr()
     new_seed = [a if a != "11" else "12" for a in args]
     assert cli.main(["train", *new_seed, "--output_dir", run, "--resume"]) == 0

@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 
 from matryoshka_lora import MatryoshkaConfig, aurac, log_aurac, p_vector
 from matryoshka_lora import cli
-from matryoshka_lora import train as train_mod
+from matryoshka_lora import rundir
 from matryoshka_lora.data import load_examples
 from matryoshka_lora.errors import InvalidInput, UserError
 
@@ -105,7 +105,7 @@ def args(tiny_llama_dir):
 
 
 def test_disk_full_is_detected_before_training(args, tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(train_mod.shutil, "disk_usage", lambda p: type("U", (), {"free": 1 << 20})())
+    monkeypatch.setattr(rundir.shutil, "disk_usage", lambda p: type("U", (), {"free": 1 << 20})())
     assert cli.main(["train", *args, "--output_dir", str(tmp_path / "run")]) == 2
     err = capsys.readouterr().err
     assert "1 MiB free on its disk, the run needs about" in err and "Traceback" not in err
@@ -134,8 +134,8 @@ def test_failed_checkpoint_write_keeps_the_previous(args, tmp_path, monkeypatch,
     assert cli.main(["train", *args, "--output_dir", run]) == 1
     err = capsys.readouterr().err
     assert "could not write the checkpoint of step 4" in err and "checkpoint-2 is intact" in err
-    assert train_mod.latest_checkpoint(run).endswith("checkpoint-2")
-    assert not os.path.exists(os.path.join(run, train_mod.COMPLETE_NAME))
+    assert rundir.latest_checkpoint(run).endswith("checkpoint-2")
+    assert not os.path.exists(os.path.join(run, rundir.COMPLETE))
 
 
 def test_only_safe_loading():

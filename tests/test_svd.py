@@ -4,11 +4,10 @@ import os
 import pytest
 import torch
 
-from conftest import tiny_model
 from matryoshka_lora import MatryoshkaConfig, get_matryoshka_model, load_matryoshka_model, use_rank
 from matryoshka_lora.cli import main
 from matryoshka_lora.svd import energy_captured, svd_adapter, svd_factors
-from test_core import randomize_, tokens
+from conftest import randomize_, tiny_model, tokens
 
 
 def test_factors_reproduce_delta_and_truncate_optimally():
@@ -35,7 +34,7 @@ def test_svd_adapter_at_full_rank_equals_lora(tmp_path):
 
 
 def test_svd_adapter_refuses_other_methods(tmp_path):
-    model = get_matryoshka_model(tiny_model(), MatryoshkaConfig(rank=4))
+    model = get_matryoshka_model(tiny_model(), MatryoshkaConfig(rank=4, method="matryoshka"))
     with pytest.raises(ValueError, match="method 'lora'"):
         svd_adapter(model, tmp_path / "svd")
 

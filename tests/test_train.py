@@ -12,7 +12,9 @@ import yaml
 from safetensors.torch import load_file
 
 from matryoshka_lora import cli
-from matryoshka_lora.train import FIELDS, build_config, parse_args, read_yaml
+from matryoshka_lora.cli.train import parse_args
+from matryoshka_lora.files import read_yaml
+from matryoshka_lora.training.config import FIELDS, build_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -76,7 +78,7 @@ def test_gradient_accumulation_draws_per_optimizer_step(tmp_path, small_args, ca
 
 def test_load_run_gives_the_trained_model(dylora_run):
     from matryoshka_lora.model import use_rank
-    from matryoshka_lora.models import load_run
+    from matryoshka_lora.adapter_io import load_run
 
     model, tokenizer, config = load_run(dylora_run)
     assert config["method"] == "dylora" and tokenizer.pad_token is not None
@@ -247,7 +249,7 @@ def test_bad_input_through_python_m(tmp_path):
 
 @pytest.mark.integration
 def test_embedded_smollm2_trains_end_to_end(tmp_path, capsys):
-    from matryoshka_lora.models import load_run
+    from matryoshka_lora.adapter_io import load_run
 
     out = str(tmp_path / "smol")
     rc, stdout, err = run_cli(["--max_steps", "2", "--max_examples", "4", "--batch_size", "1", "--max_length", "96",

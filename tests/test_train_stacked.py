@@ -7,7 +7,7 @@ import torch
 from safetensors.torch import load_file
 
 from matryoshka_lora import cli
-from matryoshka_lora.train import build_config
+from matryoshka_lora.training.config import build_config
 
 
 @pytest.fixture(scope="module")

@@ -3,16 +3,21 @@
 User mistakes (UserError, ValueError from config checks, missing files) print one line on stderr and
 exit 2, without a traceback.
 """
+import difflib
 import importlib
 import sys
 
+from .. import __version__
+from ..errors import AdapterFileError, InvalidInput, TrainingStopped, UserError
+
+# Command modules are imported only when run, so `matryoshka-lora --help` loads no torch.
 COMMANDS = {
-    "train": ("matryoshka_lora.train", "fine-tune a causal LM with nested-rank LoRA from a YAML config"),
-    "eval": ("matryoshka_lora.evaluate", "evaluate a run at every rank: accuracy curve, AURAC, plot"),
-    "compare": ("matryoshka_lora.compare", "train and evaluate several methods and seeds side by side"),
-    "demo": ("matryoshka_lora.demo", "the offline demo on the embedded SmolLM2-135M-Instruct"),
-    "export": ("matryoshka_lora.export_cli", "write ranks of a run as standard PEFT adapters (or merged models)"),
-    "svd": ("matryoshka_lora.svd", "give a plain LoRA adapter (a run or any PEFT adapter) nested ranks by SVD"),
+    "train": ("matryoshka_lora.cli.train", "fine-tune a causal LM with nested-rank LoRA from a YAML config"),
+    "eval": ("matryoshka_lora.cli.eval", "evaluate a run at every rank: accuracy curve, AURAC, plot"),
+    "compare": ("matryoshka_lora.cli.compare", "train and evaluate several methods and seeds side by side"),
+    "demo": ("matryoshka_lora.cli.demo", "the offline demo on the embedded SmolLM2-135M-Instruct"),
+    "export": ("matryoshka_lora.cli.export", "write ranks of a run as standard PEFT adapters (or merged models)"),
+    "svd": ("matryoshka_lora.cli.svd", "give a plain LoRA adapter (a run or any PEFT adapter) nested ranks by SVD"),
 }
 
 USAGE = "usage: matryoshka-lora COMMAND [options]   (matryoshka-lora COMMAND --help for its options)\n\ncommands:\n" + \
@@ -25,12 +30,10 @@ def main(argv=None) -> int:
         print(USAGE)
         return 0 if argv else 2
     if argv[0] in ("-V", "--version"):
-        from . import __version__
         print(__version__)
         return 0
     name, rest = argv[0], argv[1:]
     if name not in COMMANDS:
-        import difflib
         close = difflib.get_close_matches(name, COMMANDS, n=1)
         hint = f"; did you mean {close[0]!r}?" if close else ""
         print(f"matryoshka-lora: unknown command {name!r}{hint} (commands: {', '.join(COMMANDS)})", file=sys.stderr)
@@ -41,9 +44,6 @@ def main(argv=None) -> int:
 
 def run_guarded(fn, argv, prog: str) -> int:
     """Run a command; user errors become one stderr line and exit code 2."""
-    from .adapter_io import AdapterFileError
-    from .errors import InvalidInput, TrainingStopped, UserError
-
     try:
         return int(fn(argv) or 0)
     except TrainingStopped as e:

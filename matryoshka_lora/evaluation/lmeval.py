@@ -8,13 +8,14 @@ Hub tasks (``arc_challenge``, ``hellaswag``, ``gsm8k``) need hub access for thei
 adds a folder of custom task YAMLs, e.g. over a local JSONL (``dataset_path: json`` with
 ``dataset_kwargs: {data_files: {test: /path/test.jsonl}}``).
 """
+import difflib
 import json
 import os
 import time
 
-from .errors import UserError
+from ..errors import UserError
+from ..selection import use_rank
 from .generate import PRETRAINED
-from .model import use_rank
 
 # the primary metric when --metric is not given, first present wins: the gsm8k task's strict filter,
 # then the length-normalised accuracy the Open LLM Leaderboard (and the paper's Table 2) reports
@@ -22,6 +23,7 @@ PREFERRED_METRICS = ("exact_match,strict-match", "acc_norm,none", "acc,none", "e
 
 
 def _import():
+    """lm-eval is an optional dependency (``pip install 'matryoshka-lora[eval]'``), imported on first use."""
     try:
         import lm_eval
         from lm_eval.models.huggingface import HFLM
@@ -48,8 +50,6 @@ def task_manager(task: str, include_path: str | None = None):
             return custom
     manager = TaskManager(include_path=include_path)
     if task not in manager.all_tasks:
-        import difflib
-
         close = difflib.get_close_matches(task, sorted(manager.all_tasks), n=3)
         hint = f"; close names: {', '.join(close)}" if close else ""
         raise UserError(f"lm-eval knows no task {task!r}{hint} (custom YAMLs: --include_path FOLDER)")

@@ -7,7 +7,7 @@ import torch
 from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
-from conftest import tiny_config, tiny_model
+from conftest import VOCAB, randomize_, tiny_config, tiny_model, tokens, wrapped
 from matryoshka_lora import (MatryoshkaConfig, export_all_ranks, export_rank, get_matryoshka_model,
                              load_matryoshka_model, p_vector, sample_rank, set_rank, use_rank)
 from matryoshka_lora.model import GATE
@@ -15,27 +15,6 @@ from matryoshka_lora.ranks import rank_scale
 
 KINDS = ["llama", "qwen2"]
 SCALINGS = ["none", "rank", "sqrt"]
-VOCAB = 128
-
-
-def randomize_(model, seed=1):
-    """Non-zero A and B: a zero B hides bugs."""
-    g = torch.Generator().manual_seed(seed)
-    state = model.matryoshka
-    with torch.no_grad():
-        for layer in state.layers.values():
-            for w in (layer.lora_A[state.adapter_name].weight, layer.lora_B[state.adapter_name].weight):
-                w.copy_(torch.randn(w.shape, generator=g) * 0.5)
-    return model
-
-
-def wrapped(kind="llama", seed=0, **cfg):
-    cfg.setdefault("rank", 8)
-    return randomize_(get_matryoshka_model(tiny_model(kind, VOCAB, seed), MatryoshkaConfig(**cfg)))
-
-
-def tokens(batch=3, length=7, seed=0):
-    return torch.randint(0, VOCAB, (batch, length), generator=torch.Generator().manual_seed(seed))
 
 
 def lora_weights(layer, adapter="default"):
@@ -244,25 +223,6 @@ def test_merged_export_equals_unmerged(tmp_path, kind):
         torch.testing.assert_close(merged(ids).logits, want, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("method", ["matryoshka", "dylora", "lora"])
-def test_save_load_roundtrip(tmp_path, method):
-    model = wrapped("qwen2", method=method, scaling="rank", train_ranks=[1, 4, 8])
-    model.save_pretrained(tmp_path)
-    assert {"adapter_config.json", "adapter_model.safetensors", "matryoshka_config.json"} <= set(
-        p.name for p in tmp_path.iterdir())
-    loaded = load_matryoshka_model(tiny_model("qwen2", VOCAB), tmp_path)
-    assert loaded.matryoshka.config == model.matryoshka.config
-    ids = tokens()
-    for k in (None, 1, 4, 8):
-        if method == "dylora" and k is None:
-            continue  # the training gate depends on the last sampled rank
-        with use_rank(model, k), use_rank(loaded, k), torch.no_grad():
-            torch.testing.assert_close(loaded(ids).logits, model(ids).logits, atol=1e-6, rtol=1e-6)
-    assert not any(p.requires_grad for p in loaded.parameters())
-    assert any(p.requires_grad for p in load_matryoshka_model(tiny_model("qwen2", VOCAB), tmp_path,
-                                                              is_trainable=True).parameters())
-
-
 def test_stock_peft_loads_the_full_adapter_as_rank_R(tmp_path):
     model = wrapped(scaling="sqrt")
     model.save_pretrained(tmp_path)
@@ -341,7 +301,7 @@ def test_not_a_matryoshka_model():
 
 def test_bf16_base_keeps_fp32_adapters_and_gate_follows():
     base = tiny_model().to(torch.bfloat16)
-    model = randomize_(get_matryoshka_model(base, MatryoshkaConfig(rank=8)))
+    model = randomize_(get_matryoshka_model(base, MatryoshkaConfig(rank=8, method="matryoshka")))
     layer = next(iter(model.matryoshka.layers.values()))
     assert layer.lora_A["default"].weight.dtype == torch.float32
     assert layer.get_base_layer().weight.dtype == torch.bfloat16
@@ -371,8 +331,8 @@ def test_cuda_bf16_equivalence():
 
 
 def test_paper_init_bound():
-    model = get_matryoshka_model(tiny_model(), MatryoshkaConfig(rank=8, init="paper"))
-    peft = get_matryoshka_model(tiny_model(), MatryoshkaConfig(rank=8, init="peft"))
+    model = get_matryoshka_model(tiny_model(), MatryoshkaConfig(rank=8, init="paper", method="matryoshka"))
+    peft = get_matryoshka_model(tiny_model(), MatryoshkaConfig(rank=8, init="peft", method="matryoshka"))
     name = "model.layers.0.mlp.down_proj"  # in = 64
     A = model.matryoshka.layers[name].lora_A["default"].weight
     A_peft = peft.matryoshka.layers[name].lora_A["default"].weight

@@ -25,9 +25,9 @@ import torch
 from tqdm.auto import tqdm
 from transformers import GenerationConfig, StoppingCriteria, StoppingCriteriaList
 
+from ..errors import InvalidInput
+from ..selection import use_rank
 from .extract import truncate_at_stop
-from .model import use_rank
-from .errors import InvalidInput
 
 PRETRAINED = 0  # the rank that means "base model, adapter off"
 

@@ -1,0 +1,127 @@
+"""``evaluate_run``: a run at rank 0 (the base model, adapter off) and at every requested rank.
+
+Outputs (``spec.output_dir``, default ``RUN_DIR/eval``): ``eval.json``, ``eval.md`` (the paper's Table 1 layout
+plus one row per rank), ``rank_curve.png``, and the per-rank records of ``results.py`` (an interrupted evaluation
+resumes). A rank's ``seconds`` is the wall time of the pass that computed it divided by the ranks in that pass (a
+stacked pass is shared).
+"""
+import contextlib
+import os
+import time
+
+import torch
+
+from ..adapter_io import load_run, read_checked
+from ..config import MatryoshkaConfig
+from ..errors import AdapterFileError, UserError
+from ..selection import matryoshka_state
+from ..report import write_eval_outputs
+from ..rundir import TRAIN_CONFIG, WEIGHTS, read_train_config
+from .backends import backend_for
+from .generate import PRETRAINED
+from .results import default_eval_dir, file_digest, load_done, save_record, settings_hash, summarize
+from .spec import EvalSpec
+
+
+def evaluate_run(run_dir: str, spec: EvalSpec | None = None, model_and_tokenizer=None, **options) -> dict:
+    """Evaluate a run at rank 0 (the base model) and every requested rank; write eval.json, eval.md, the plot.
+
+    Args:
+        run_dir: a folder written by ``matryoshka-lora train`` (or ``svd``).
+        spec: what to evaluate (``EvalSpec``); or its fields as keyword ``options``.
+        model_and_tokenizer: an already loaded (model, tokenizer) of this run, to skip loading.
+
+    Returns:
+        The eval.json dict.
+
+    Raises:
+        UserError / AdapterFileError: bad run folder, adapter file, task, or options.
+    """
+    spec = spec.replace(**options) if spec else EvalSpec(**options)
+    spec.check()
+    config, ranks = check_run(run_dir, spec.ranks)
+    read_as, config = _read_as(config, spec.inference)
+    train_config = read_train_config(run_dir)
+    spec = spec.replace(task=spec.task or train_config.get("data"), ranks=ranks,
+                        output_dir=spec.output_dir or default_eval_dir(run_dir, read_as, spec.score_only))
+    if not spec.task:
+        raise UserError(f"--task not given and {os.path.join(run_dir, TRAIN_CONFIG)} names no data; "
+                        "give --task gsm8k, arithmetic, a JSONL file or lm-eval:<task>")
+    settings = spec.settings(train_config.get("model_path") or train_config.get("model"),
+                             file_digest(os.path.join(run_dir, WEIGHTS)), read_as)
+    backend = backend_for(spec)
+    hashes = {k: settings_hash(settings, backend.items, with_adapter=k != PRETRAINED) for k in [PRETRAINED] + ranks}
+    records = {k: r for k in hashes if (r := load_done(spec.output_dir, k, hashes[k])) is not None}
+    pending = [k for k in [PRETRAINED] + ranks if k not in records]
+    if records:
+        done = ", ".join("pretrained" if k == PRETRAINED else str(k) for k in sorted(records))
+        print(f"matryoshka-lora eval: reusing finished ranks {done} from {spec.output_dir}/ranks", flush=True)
+    started = time.perf_counter()
+    if pending:
+        model, tokenizer = model_and_tokenizer or load_model(run_dir, spec)
+        with read_as_rule(model, config):
+            for group in backend.groups(pending):
+                for k, record in backend.run(model, tokenizer, group).items():
+                    save_record(spec.output_dir, k, record, hashes[k])
+                    records[k] = record
+    result = summarize(spec.task, backend.kind, ranks, records, settings, config, run_dir, spec.stacked)
+    result.update(inference=config.inference, output_dir=os.path.abspath(spec.output_dir))
+    result["seconds_total"] = round(time.perf_counter() - started, 3)
+    write_eval_outputs(result, spec.output_dir)
+    return result
+
+
+def _read_as(config: MatryoshkaConfig, inference: str | None) -> tuple[str | None, MatryoshkaConfig]:
+    """(the rule read under when it is not the run's own, else None; the config under that rule)."""
+    try:
+        read = config.read_as(inference)
+    except ValueError as e:
+        raise UserError(f"--inference {inference!r}: {e}") from None
+    return (read.inference if read.inference != config.inference else None), read
+
+
+def check_run(run_dir: str, ranks) -> tuple[MatryoshkaConfig, list[int]]:
+    """(MatryoshkaConfig, ranks) after checking the run's files, before anything is loaded or written.
+
+    Raises:
+        UserError / AdapterFileError: missing folder or files, a truncated adapter, or ranks outside 1..R.
+    """
+    if not os.path.isdir(run_dir):
+        raise UserError(f"run folder {run_dir!r} not found")
+    read_train_config(run_dir)
+    try:  # missing, truncated, non-finite or contradicting adapter files fail here, naming the file
+        config = read_checked(run_dir)[0]
+    except AdapterFileError:
+        raise
+    except (FileNotFoundError, ValueError) as e:
+        raise UserError(str(e)) from None
+    ranks = sorted(set(config.train_ranks if ranks is None else ranks))
+    bad = [k for k in ranks if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= config.rank]
+    if bad or not ranks:
+        raise UserError(f"--ranks {bad or ranks} outside 1..{config.rank} (the run's maximum rank {config.rank})")
+    return config, ranks
+
+
+def load_model(run_dir: str, spec: EvalSpec):
+    """The run's model and tokenizer (``base_models.load_run``) on the spec's device, with its attention kernel."""
+    device = spec.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    model, tokenizer, _ = load_run(run_dir, dtype=spec.dtype, device=device)
+    if spec.attn_implementation:
+        try:
+            model.get_base_model().set_attn_implementation(spec.attn_implementation)
+        except (ValueError, ImportError) as e:
+            raise UserError(f"--attn_implementation {spec.attn_implementation!r} is not available: "
+                            f"{str(e).splitlines()[0]}") from None
+    model.eval()
+    return model, tokenizer
+
+
+@contextlib.contextmanager
+def read_as_rule(model, config):
+    """Evaluate ``model`` under ``config``'s inference rule, then give it back its own config."""
+    state = matryoshka_state(model)
+    own, state.config = state.config, config
+    try:
+        yield model
+    finally:
+        state.config = own

@@ -1,0 +1,86 @@
+"""The training methods: one record each, and the only place that says what a method is.
+
+Every method trains the same nested adapter ``y = W0 x + B (g ⊙ A x)``; methods differ in four things:
+
+    gate        the training gate g (R,), from the config and this step's draw
+    draw        what is drawn once per optimizer step (DyLoRA's rank k, sandwich's ranks), or nothing
+    stacked     the (ranks, λ) of a multi-rank loss over a batch stacked across ranks, or None: the model's
+                own loss through the training gate
+    prefix      whether the run trains one function W0 + B(g ⊙ Ax) whose rank-k truncation ``inference:
+                prefix`` can read (then g is that function's gate at rank R)
+
+With P = Σ_{r∈S} λ_r s_r 1[:r] (Algorithm 1), s_r the rank scale and λ_r the config's weights:
+
+    matryoshka        g = P                          the paper's method
+    dylora            g = s_k 1[:k], k ~ U(choices)  one rank per step
+    lora              g = s_R 1                      plain LoRA
+    matryoshka-exact  Σ_{r∈S} λ_r ℓ(rank r)           the multi-rank objective itself, stacked
+    sandwich          Σ_{r∈D} λ ℓ(rank r)             D = {min S, max S} ∪ sandwich_n drawn from the rest
+
+Adding a method: one ``Method`` in ``METHODS`` (and its row in the tests' method table).
+"""
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from .ranks import rank_gate, uniform_weights
+
+
+@dataclass(frozen=True)
+class Method:
+    """What one training method does; the functions take the ``MatryoshkaConfig`` and this step's draw."""
+
+    name: str
+    about: str  # one line for --help
+    gate: Callable  # (config, drawn) -> training gate (R,)
+    draw: Callable | None = None  # (config, generator) -> this step's draw; None: nothing is drawn
+    stacked: Callable | None = None  # (config, drawn) -> (ranks, λ) of the stacked loss; None: the model's loss
+    prefix: bool = False  # trains one function that inference "prefix" truncates
+    plain: bool = False  # trains plain rank-R LoRA: merging in training mode merges rank R; svd can nest it
+
+
+def full_rank_gate(config, drawn=None) -> torch.Tensor:
+    """s_R · 1: plain LoRA's gate, and the gate of the stacked methods outside their stacked loss."""
+    return rank_gate(config.rank, config.rank, config.scaling)
+
+
+def _draw_one(config, generator) -> int:
+    choices = config.dylora_choices()
+    return choices[int(torch.randint(len(choices), (1,), generator=generator).item())]
+
+
+def _draw_sandwich(config, generator) -> list[int]:
+    S = config.train_ranks
+    middle = S[1:-1]
+    n = min(config.sandwich_n, len(middle))
+    picked = torch.randperm(len(middle), generator=generator)[:n].tolist()
+    return sorted({S[0], S[-1], *(middle[i] for i in picked)})
+
+
+def _sandwich_objective(config, drawn) -> tuple[list[int], list[float]]:
+    ranks = drawn or sorted({config.train_ranks[0], config.rank})
+    return ranks, uniform_weights(len(ranks), config.p_normalize)
+
+
+METHODS: dict[str, Method] = {m.name: m for m in (
+    Method("matryoshka", "the paper: all nested ranks at once through the gate P", gate=lambda c, _: c.p(),
+           prefix=True),
+    Method("dylora", "one rank k per optimizer step, drawn from the train ranks (the default: best at equal "
+           "compute in docs/results.md)",
+           gate=lambda c, k: rank_gate(c.rank, k or c.rank, c.scaling), draw=_draw_one),  # rank R before a draw
+    Method("lora", "plain LoRA at rank R (nested afterwards by `matryoshka-lora svd`)", gate=full_rank_gate,
+           prefix=True, plain=True),
+    Method("matryoshka-exact", "the multi-rank loss Σ_r λ_r ℓ(rank r) itself, the batch stacked across the "
+           "train ranks", gate=full_rank_gate, stacked=lambda c, _: (list(c.train_ranks), c.lambdas())),
+    Method("sandwich", "the loss at R, at the smallest rank and at sandwich_n drawn ranks, stacked",
+           gate=full_rank_gate, draw=_draw_sandwich, stacked=_sandwich_objective),
+)}
+METHOD_NAMES = tuple(METHODS)
+STACKED_METHODS = tuple(name for name, m in METHODS.items() if m.stacked)
+PREFIX_METHODS = tuple(name for name, m in METHODS.items() if m.prefix)
+DEFAULT_METHOD = "dylora"
+
+
+def method_help() -> str:
+    return "; ".join(f"{name} ({m.about})" for name, m in METHODS.items())

@@ -1,0 +1,168 @@
+"""Every method through one set of checks (as PEFT's TEST_CASES): save/load, export, per-example ranks, resume.
+
+A method case is a name, the config that makes it, and whether its adapter is re-factored by SVD after training
+(``lora-svd``). Each case's adapter takes real optimizer steps with the method's own objective from non-zero
+weights (a zero ``lora_B`` would hide bugs), so the checks see weights the method trained.
+"""
+import json
+import os
+import shutil
+from dataclasses import dataclass, field
+
+import pytest
+import torch
+from peft import PeftModel
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
+
+from conftest import VOCAB, randomize_, tiny_model, tokens
+from matryoshka_lora import (METHODS, MatryoshkaConfig, export_rank, get_matryoshka_model, load_matryoshka_model,
+                             multi_rank_loss, sample_rank, svd_adapter, use_rank)
+from matryoshka_lora.cli import main
+
+FIXTURE_BASE = os.path.join(os.path.dirname(__file__), "fixtures", "v0_1_run", "base")
+
+
+@dataclass
+class MethodCase:
+    name: str
+    config: dict = field(default_factory=dict)
+    svd: bool = False  # re-factor the trained (lora) adapter by SVD: nested after training
+
+    @property
+    def trainable(self) -> bool:
+        return not self.svd
+
+
+CASES = [
+    MethodCase("matryoshka", {"method": "matryoshka", "scaling": "rank"}),
+    MethodCase("dylora", {"method": "dylora", "scaling": "rank"}),
+    MethodCase("lora", {"method": "lora", "scaling": "rank"}),
+    MethodCase("matryoshka-exact", {"method": "matryoshka-exact", "p_normalize": True}),
+    MethodCase("sandwich", {"method": "sandwich", "sandwich_n": 1, "scaling": "sqrt"}),
+    MethodCase("lora-svd", {"method": "lora", "scaling": "sqrt"}, svd=True),
+]
+IDS = [c.name for c in CASES]
+RANKS = [1, 2, 4, 8]
+
+
+def test_every_method_has_a_case():
+    assert {c.config["method"] for c in CASES} == set(METHODS)
+
+
+def trained(case: MethodCase, directory, kind="qwen2", steps=3):
+    """(model, folder): the case's adapter after ``steps`` AdamW steps of its objective, saved to ``directory``."""
+    config = MatryoshkaConfig(rank=8, train_ranks=RANKS, **case.config)
+    model = randomize_(get_matryoshka_model(tiny_model(kind, VOCAB), config))
+    model.train()
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    generator = torch.Generator().manual_seed(0)
+    for step in range(steps):
+        sample_rank(model, generator)
+        ids = tokens(batch=4, seed=step)
+        if config.method_record.stacked:
+            loss = multi_rank_loss(model, ids, ids)
+        else:
+            loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    model.eval()
+    model.save_pretrained(directory)
+    if case.svd:
+        svd_adapter(str(directory), str(directory) + "-svd")
+        directory = str(directory) + "-svd"
+        model = load_matryoshka_model(tiny_model(kind, VOCAB), directory)
+    return model, str(directory)
+
+
+@pytest.fixture(scope="module", params=CASES, ids=IDS)
+def case_adapter(request, tmp_path_factory, one_thread):
+    case = request.param
+    model, directory = trained(case, tmp_path_factory.mktemp(case.name) / "adapter")
+    return case, model, directory
+
+
+def logits(model, ids, k):
+    with use_rank(model, k), torch.no_grad():
+        return model(ids).logits
+
+
+def test_trained_weights_are_not_zero(case_adapter):
+    _, _, directory = case_adapter
+    weights = load_file(os.path.join(directory, "adapter_model.safetensors"))
+    assert all(t.abs().sum() > 0 for k, t in weights.items() if "lora_B" in k)
+
+
+def test_save_load_roundtrip(case_adapter):
+    case, model, directory = case_adapter
+    assert {"adapter_config.json", "adapter_model.safetensors", "matryoshka_config.json"} <= set(os.listdir(directory))
+    loaded = load_matryoshka_model(tiny_model("qwen2", VOCAB), directory)
+    assert loaded.matryoshka.config == model.matryoshka.config
+    ids = tokens()
+    for k in [None] + RANKS:
+        if k is None and model.matryoshka.config.method_record.draw is not None:
+            continue  # the training gate depends on the last draw
+        torch.testing.assert_close(logits(loaded, ids, k), logits(model, ids, k), atol=1e-6, rtol=1e-6)
+    assert not any(p.requires_grad for p in loaded.parameters())
+    assert any(p.requires_grad for p in load_matryoshka_model(tiny_model("qwen2", VOCAB), directory,
+                                                              is_trainable=True).parameters())
+
+
+def test_every_rank_exports_to_stock_peft(case_adapter, tmp_path):
+    _, model, directory = case_adapter
+    ids = tokens()
+    for k in RANKS:
+        path = export_rank(directory, k, tmp_path / f"rank-{k}")
+        stock = PeftModel.from_pretrained(tiny_model("qwen2", VOCAB), path).eval()
+        assert stock.peft_config["default"].r == k and stock.peft_config["default"].lora_alpha == k
+        with torch.no_grad():
+            torch.testing.assert_close(stock(ids).logits, logits(model, ids, k), atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(logits(model, ids, 1), logits(model, ids, 8))  # the ranks are told apart
+
+
+def test_merged_export_equals_the_rank(case_adapter, tmp_path):
+    _, model, _ = case_adapter
+    ids = tokens()
+    export_rank(model, 2, tmp_path / "merged", merge=True)
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()
+    assert not any("lora" in n for n, _ in merged.named_parameters())
+    with torch.no_grad():
+        torch.testing.assert_close(merged(ids).logits, logits(model, ids, 2), atol=1e-5, rtol=1e-5)
+
+
+def test_per_example_ranks_equal_one_rank_at_a_time(case_adapter):
+    _, model, _ = case_adapter
+    ids = tokens(batch=4)
+    ks = torch.tensor([8, 1, 4, 2])
+    got = logits(model, ids, ks)
+    for b, k in enumerate(ks.tolist()):
+        torch.testing.assert_close(got[b:b + 1], logits(model, ids[b:b + 1], k), atol=1e-5, rtol=1e-5)
+
+
+# ---------------------------------------------------------------- resume through the command line
+
+TRAIN = ["--model", FIXTURE_BASE, "--data", "arithmetic", "--max_examples", "24", "--max_length", "64",
+         "--rank", "4", "--batch_size", "4", "--max_steps", "4", "--save_steps", "2", "--logging_steps", "1",
+         "--learning_rate", "0.01", "--warmup_steps", "0", "--use_cpu", "--seed", "2"]
+
+
+@pytest.mark.parametrize("case", [c for c in CASES if c.trainable], ids=[c.name for c in CASES if c.trainable])
+def test_resume_from_a_checkpoint_is_exact(case, tmp_path, one_thread):
+    straight = str(tmp_path / "straight")
+    method = ["--method", case.config["method"]] + (["--sandwich_n", "1"] if case.name == "sandwich" else [])
+    assert main(["train", *TRAIN, *method, "--output_dir", straight]) == 0
+    resumed = str(tmp_path / "resumed")  # the run as it was at its step-2 checkpoint, interrupted
+    shutil.copytree(straight, resumed)
+    for name in os.listdir(resumed):
+        if name not in ("checkpoints", "train_config.yaml", "train_log.jsonl"):
+            os.remove(os.path.join(resumed, name))
+    shutil.rmtree(os.path.join(resumed, "checkpoints", "checkpoint-4"))
+    assert main(["train", "--resume", "--output_dir", resumed]) == 0
+    want, got = (load_file(os.path.join(r, "adapter_model.safetensors")) for r in (straight, resumed))
+    for key in want:
+        torch.testing.assert_close(got[key], want[key], atol=1e-6, rtol=0)
+    logs = [[json.loads(line) for line in open(os.path.join(r, "train_log.jsonl"))] for r in (straight, resumed)]
+    assert [e["step"] for e in logs[1]] == [1, 2, 3, 4]
+    assert [e["ranks"] for e in logs[1]] == [e["ranks"] for e in logs[0]]  # the same rank draws
+    assert [e["loss"] for e in logs[1]] == pytest.approx([e["loss"] for e in logs[0]], abs=1e-6)
