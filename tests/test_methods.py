@@ -11,14 +11,19 @@ from dataclasses import dataclass, field
 
 import pytest
 import torch
-from peft import PeftModel
+from peft import LoraConfig, PeftModel, get_peft_model
+from peft.tuners.lora import LoraLayer
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from conftest import VOCAB, randomize_, tiny_model, tokens
 from matryoshka_lora import (METHODS, MatryoshkaConfig, export_rank, get_matryoshka_model, load_matryoshka_model,
                              multi_rank_loss, sample_rank, svd_adapter, use_rank)
-from matryoshka_lora.cli import main
+from matryoshka_lora.cli import main, run_guarded
+from matryoshka_lora.cli.train import parse_args
+from matryoshka_lora.selection import matryoshka_state
+from matryoshka_lora.training import train
+from matryoshka_lora.training.trainer import MatryoshkaTrainer
 
 FIXTURE_BASE = os.path.join(os.path.dirname(__file__), "fixtures", "v0_1_run", "base")
 
@@ -39,7 +44,7 @@ CASES = [
     MethodCase("dylora", {"method": "dylora", "scaling": "rank"}),
     MethodCase("lora", {"method": "lora", "scaling": "rank"}),
     MethodCase("matryoshka-exact", {"method": "matryoshka-exact", "p_normalize": True}),
-    MethodCase("sandwich", {"method": "sandwich", "sandwich_n": 1, "scaling": "sqrt"}),
+    MethodCase("sandwich", {"method": "sandwich", "sandwich_n": 1, "scaling": "sqrt", "p_normalize": True}),
     MethodCase("lora-svd", {"method": "lora", "scaling": "sqrt"}, svd=True),
 ]
 IDS = [c.name for c in CASES]
@@ -166,3 +171,133 @@ def test_resume_from_a_checkpoint_is_exact(case, tmp_path, one_thread):
     assert [e["step"] for e in logs[1]] == [1, 2, 3, 4]
     assert [e["ranks"] for e in logs[1]] == [e["ranks"] for e in logs[0]]  # the same rank draws
     assert [e["loss"] for e in logs[1]] == pytest.approx([e["loss"] for e in logs[0]], abs=1e-6)
+
+
+# ---------------------------------------------------------------- train optimises the method it was given
+
+class Recorder(MatryoshkaTrainer):
+    """The Trainer, recording the adapter it starts from and each step's batch, token count and rank draw."""
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if not hasattr(self, "start"):
+            self.start, self.steps = {k: v.detach().clone() for k, v in model.named_parameters() if v.requires_grad}, []
+        batch = {k: v.detach().clone() for k, v in inputs.items()}
+        self.steps.append((batch, num_items_in_batch, matryoshka_state(model).drawn))
+        return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+
+
+def scale(r: int, scaling: str) -> float:
+    return {"none": 1.0, "rank": 1.0 / r, "sqrt": r ** -0.5}[scaling]
+
+
+def prefix_gate(R: int, k: int, value: float) -> torch.Tensor:
+    return torch.tensor([value if i < k else 0.0 for i in range(R)])
+
+
+def hand_losses(config: dict, R: int, S: list[int], drawn) -> list[tuple[float, torch.Tensor]]:
+    """(λ, gate) of each term of a step's training loss, written from the paper and the methods' definitions."""
+    s = config.get("scaling", "none")
+    method = config["method"]
+    if method == "matryoshka":  # Algorithm 1: P_i = Σ_{r ∈ S, r ≥ i} s_r
+        return [(1.0, torch.tensor([sum(scale(r, s) for r in S if r >= i) for i in range(1, R + 1)]))]
+    if method == "lora":
+        return [(1.0, prefix_gate(R, R, scale(R, s)))]
+    if method == "dylora":  # rank k of this step
+        return [(1.0, prefix_gate(R, drawn, scale(drawn, s)))]
+    ranks = S if method == "matryoshka-exact" else drawn  # sandwich: min S, max S and the drawn ones
+    lam = 1.0 / len(ranks) if config.get("p_normalize") else 1.0
+    return [(lam, prefix_gate(R, r, scale(r, s))) for r in ranks]
+
+
+def hand_trained(case: MethodCase, recorder: Recorder, lr: float, R: int = 4):
+    """The recorded start and batches through stock PEFT LoRA with the gate applied by a hook written here, plain
+    SGD and the method's loss written out term by term (one forward per rank, no stacking)."""
+    S = [1, 2, 4]
+    s_R = scale(R, case.config.get("scaling", "none"))
+    base = AutoModelForCausalLM.from_pretrained(FIXTURE_BASE)
+    model = get_peft_model(base, LoraConfig(r=R, lora_alpha=R * s_R, target_modules="all-linear"))
+    gate = {"g": None}
+    for module in model.modules():
+        if isinstance(module, LoraLayer):  # y = W0 x + s_R · B((g / s_R) ⊙ A x) = W0 x + B(g ⊙ A x)
+            module.lora_B["default"].register_forward_pre_hook(lambda m, args: (args[0] * gate["g"] / s_R,))
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for name, value in recorder.start.items():
+            params[name].copy_(value)
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=lr)
+    model.train()
+    for batch, count, drawn in recorder.steps:
+        loss = 0.0
+        for lam, g in hand_losses(case.config, R, S, drawn):
+            gate["g"] = g
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            token_loss = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), batch["labels"][:, 1:].flatten(),
+                                                           ignore_index=-100, reduction="sum")
+            loss = loss + lam * token_loss / count
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    return {k: v.detach() for k, v in model.named_parameters() if v.requires_grad}
+
+
+def hand_draws(case: MethodCase, steps: int, seed: int) -> list:
+    """The rank draws of ``steps`` optimizer steps from the seeded generator, as the methods define them."""
+    generator = torch.Generator().manual_seed(seed)
+    S, draws = [1, 2, 4], []
+    for _ in range(steps):
+        if case.name == "dylora":  # uniform over the train ranks
+            draws.append(S[int(torch.randint(len(S), (1,), generator=generator).item())])
+        elif case.name == "sandwich":  # smallest, largest, and sandwich_n of the others without replacement
+            middle = S[1:-1]
+            picked = torch.randperm(len(middle), generator=generator)[:case.config["sandwich_n"]].tolist()
+            draws.append(sorted({S[0], S[-1], *(middle[i] for i in picked)}))
+        else:
+            draws.append(None)
+    return draws
+
+
+@pytest.mark.parametrize("case", [c for c in CASES if c.trainable], ids=[c.name for c in CASES if c.trainable])
+def test_train_optimises_the_method_it_was_given(case, tmp_path, one_thread):
+    """`train` (3 SGD steps, constant learning rate, no warm-up, no clipping) gives the adapter of a hand-written
+    loop over the same batches with the method's training loss (its gate, or the multi-rank loss when stacked).
+
+    The reference is written here, not taken from the library: stock PEFT LoRA with the gate applied by a hook,
+    gates from the paper's formulas, draws from the seeded generator as each method defines them, stacked losses
+    as one forward per rank. Breaks it catches (each tried on a scratch copy): the matryoshka record's gate
+    replaced by lora's (``full_rank_gate``), P summed over r <= i instead of r >= i, dylora's gate ignoring the
+    draw (rank R every step), the stacked methods trained by the model's own loss (``stacked=None``), sandwich
+    weights not normalised under p_normalize. One step could not tell the gates apart (from B = 0, A gets no
+    gradient and AdamW's first step is lr·sign(grad)), hence three; SGD, because AdamW's lr·m/√v turns the
+    last-bit differences of a stacked vs a per-rank forward into 1e-6 steps where a gradient is near zero.
+    """
+    lr = 0.5
+    argv = [*TRAIN, "--method", case.config["method"], "--max_steps", "3", "--save_steps", "0", "--optim", "sgd",
+            "--lr_scheduler_type", "constant", "--max_grad_norm", "0", "--learning_rate", str(lr),
+            "--output_dir", str(tmp_path / "run")]
+    argv += [f"--{k}={v}" for k, v in case.config.items() if k != "method"]
+    recorder = {}
+
+    def run(a):
+        config = parse_args(a)
+        trainer = {}
+
+        class Recording(Recorder):
+            def __init__(self, *args, **kwargs):
+                super().__init__(*args, **kwargs)
+                trainer["it"] = self
+
+        train(config, Recording)
+        recorder["it"] = trainer["it"]
+        return 0
+
+    assert run_guarded(run, argv, prog="matryoshka-lora train") == 0
+    assert len(recorder["it"].steps) == 3
+    assert [drawn for _, _, drawn in recorder["it"].steps] == hand_draws(case, 3, seed=2)
+    want = hand_trained(case, recorder["it"], lr)
+    got = load_file(os.path.join(tmp_path / "run", "adapter_model.safetensors"))
+    assert len(got) == len(want)
+    for name, value in want.items():
+        key = name.replace(".default.weight", ".weight")
+        torch.testing.assert_close(got[key], value, atol=1e-6, rtol=0)
+    for part in ("lora_A", "lora_B"):  # both trained, so the gate reached the gradients of A
+        assert any(not torch.equal(v, recorder["it"].start[n]) for n, v in want.items() if part in n)
