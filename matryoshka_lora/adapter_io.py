@@ -86,7 +86,8 @@ def check_target_modules(peft_config: dict | None, model, adapter_name: str, pat
     """Raises: AdapterFileError when adapter_config.json's target_modules are not the modules the model adapts."""
     if peft_config is None or "target_modules" not in peft_config:
         return
-    saved, built = _module_names(peft_config["target_modules"]), _module_names(model.peft_config[adapter_name].target_modules)
+    saved = _module_names(peft_config["target_modules"])
+    built = _module_names(model.peft_config[adapter_name].target_modules)
     if saved != built:
         raise AdapterFileError(f"{path} says target_modules={saved} but matryoshka_config.json adapts {built} on "
                                "this model; stock PEFT would adapt other modules than the trained ones")
