@@ -16,7 +16,8 @@ class BuiltinBackend:
 
     def __init__(self, spec: EvalSpec):
         self.spec = spec
-        loaded = load_task(spec.task, spec.limit, spec.shots or 0, spec.fewshot_data, spec.fewshot_seed)
+        loaded = load_task(spec.task, spec.limit, spec.shots or 0, spec.fewshot_data, spec.fewshot_seed,
+                           spec.data_options)
         self.kind, self.items = loaded["kind"], loaded["items"]
 
     def groups(self, pending: list[int]) -> list[list[int]]:

@@ -42,6 +42,8 @@ def evaluate_run(run_dir: str, spec: EvalSpec | None = None, model_and_tokenizer
     config, ranks = check_run(run_dir, spec.ranks)
     read_as, config = _read_as(config, spec.inference)
     train_config = read_train_config(run_dir)
+    if not spec.task and spec.data_options is None:  # the run's data, read as it was trained on
+        spec = spec.replace(data_options=run_data_options(train_config))
     spec = spec.replace(task=spec.task or train_config.get("data"), ranks=ranks,
                         output_dir=spec.output_dir or default_eval_dir(run_dir, read_as, spec.score_only))
     if not spec.task:
@@ -69,6 +71,16 @@ def evaluate_run(run_dir: str, spec: EvalSpec | None = None, model_and_tokenizer
     result["seconds_total"] = round(time.perf_counter() - started, 3)
     write_eval_outputs(result, spec.output_dir)
     return result
+
+
+def run_data_options(train_config: dict) -> dict | None:
+    """The data keys of a run's config that differ from their defaults (a key the saved config lacks was added
+    later: the run used its default), or None."""
+    from ..training.config import DATA_KEYS, TrainConfig
+
+    defaults = TrainConfig()
+    options = {k: train_config[k] for k in DATA_KEYS if k in train_config and train_config[k] != getattr(defaults, k)}
+    return options or None
 
 
 def _read_as(config: MatryoshkaConfig, inference: str | None) -> tuple[str | None, MatryoshkaConfig]:

@@ -37,6 +37,9 @@ class EvalSpec:
             generation, hence no exact match, and token_acc becomes the primary metric of generation tasks.
             Generation is most of an evaluation's time, so this suits sweeps. Results go to
             ``RUN_DIR/eval-score`` (``eval-<inference>-score``) by default.
+        data_options: how ``task`` is read when it is the run's own data: the run's ``data_config``,
+            ``data_format``, ``data_columns``, ``data_split`` (few-shot exemplars) and ``eval_split`` (the items),
+            only those that differ from their defaults (``evaluate_run`` fills it from train_config.yaml).
     """
 
     task: str | None = None
@@ -58,6 +61,7 @@ class EvalSpec:
     progress: bool = True
     inference: str | None = None
     score_only: bool = False
+    data_options: dict | None = None
 
     @property
     def lm_eval_task(self) -> str | None:
@@ -94,6 +98,8 @@ class EvalSpec:
             settings["inference"] = read_as
         if self.score_only:  # likewise
             settings["score_only"] = True
+        if self.data_options:  # likewise: a run on data read as 0.1 read it has none
+            settings["data_options"] = dict(self.data_options)
         if lm_eval:
             settings.update(metric=self.metric, include_path=self.include_path and os.path.abspath(self.include_path),
                             batch_size=self.batch_size)

@@ -27,23 +27,31 @@ ACCURACY_METRICS = {"gsm8k": ("exact_match_strict", "exact_match_flexible", "tok
 GENERATED_METRICS = ("exact_match_strict", "exact_match_flexible", "exact_match")  # need generation: not score_only
 
 
-def load_task(task: str, limit: int | None, shots: int, fewshot_data: str | None, fewshot_seed: int) -> dict:
+def load_task(task: str, limit: int | None, shots: int, fewshot_data: str | None, fewshot_seed: int,
+              data_options: dict | None = None) -> dict:
     """The evaluation items of ``task``: kind, and per item the prompt (with exemplars) and reference.
+
+    ``data_options`` (a run's data keys: data_config, data_format, data_columns, data_split, eval_split) say how
+    ``task`` is read: items from ``eval_split`` (default "test"), exemplars from ``data_split`` ("train"); chat
+    rows are evaluated on their last assistant turn.
 
     Raises:
         UserError: unknown task, unreadable data, or shots without a train split to draw from.
     """
+    opts = data_options or {}
+    read = {k: opts[k] for k in ("data_config", "data_format", "data_columns") if k in opts} | {"turns": "last"}
     path = os.path.expanduser(task)
     if os.path.isfile(path) and _is_choice_file(path):
         rows = [row for _, row in read_jsonl(path, limit)]
         items = [_choice_item(row, f"{path}:{i + 1}") for i, row in enumerate(rows)]
         kind = "choice"
     else:
-        examples = load_examples(task, split="test", limit=limit)
+        examples = load_examples(task, split=opts.get("eval_split", "test"), limit=limit, **read)
         kind = "gsm8k" if all("answer" in e for e in examples) else "completion"
         items = [{"prompt": e["prompt"], "target": e["completion"], "answer": e.get("answer")} for e in examples]
     if shots:
-        _add_fewshot(items, kind, task, shots, fewshot_data, fewshot_seed)
+        _add_fewshot(items, kind, task, shots, fewshot_data, fewshot_seed, opts.get("data_split", "train"),
+                     read if fewshot_data is None else {})
     return {"kind": kind, "items": items}
 
 
@@ -71,7 +79,7 @@ def _choice_item(row: dict, where: str) -> dict:
     return {"prompt": prompt, "choices": choices, "label": label, "target": " " + choices[label]}
 
 
-def _add_fewshot(items, kind, task, shots, fewshot_data, seed) -> None:
+def _add_fewshot(items, kind, task, shots, fewshot_data, seed, split="train", read=None) -> None:
     """Prefix each prompt with ``shots`` train exemplars, as lm-eval: "Q A" joined by blank lines.
 
     Exemplars are drawn per item, in item order, from one ``random.Random(seed)`` (lm-eval's default
@@ -89,7 +97,7 @@ def _add_fewshot(items, kind, task, shots, fewshot_data, seed) -> None:
         pool = [{"prompt": p["prompt"], "target": p["target"]} for p in pool]
     else:
         pool = [{"prompt": e["prompt"], "target": e["completion"]}
-                for e in load_examples(source, split="train")]
+                for e in load_examples(source, split=split if fewshot_data is None else "train", **(read or {}))]
     if len(pool) < shots:
         raise UserError(f"--shots {shots} is more than the {len(pool)} exemplars in {source}")
     rng = random.Random(seed)

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 from ..base_models import DTYPES
 from ..config import MatryoshkaConfig, key
+from ..data import DATA_FORMATS, columns_problem
 from ..errors import UserError
 from .kinds import coerce_kind
 from .sharding import sharding_problems
@@ -24,8 +25,19 @@ class TrainConfig(MatryoshkaConfig):
     # what to train
     model: str = key("smollm2", "hub id, local folder, .gguf file, or 'smollm2' (the embedded "
                      "SmolLM2-135M-Instruct)", "str")
-    data: str = key("arithmetic", "arithmetic (built-in, offline), gsm8k, platypus, a .jsonl file (question/answer, "
-                    "instruction/input/output, prompt/completion or messages) or a folder with train.jsonl", "str")
+    data: str = key("arithmetic", "arithmetic (built-in, offline), gsm8k, platypus, a .jsonl/.json/.csv/.parquet "
+                    "file, a folder (train.jsonl, test.jsonl, ...) or a hub dataset id such as tatsu-lab/alpaca", "str")
+    data_config: str | None = key(None, "config (subset) of a hub dataset, e.g. main for openai/gsm8k", "str?")
+    data_split: str = key("train", "split to train on (a folder's <split>.jsonl; slices such as train[:90%] work)",
+                          "str")
+    eval_split: str = key("test", "split `eval` uses when it is not given --task (e.g. test_sft, train[90%:])", "str")
+    data_format: str = key("auto", "auto (from the columns), alpaca (instruction/input/output), sharegpt "
+                           "(conversations of from/value), messages (OpenAI role/content), prompt_completion, "
+                           "question_answer, or text (plain language modelling, loss on every token). Chat formats "
+                           "use the model's chat template (an error without one) with the loss on every assistant "
+                           "turn; auto-detected messages train the last assistant turn, as before", "str")
+    data_columns: dict | None = key(None, "rename columns to the format's: prompt=question,completion=answer",
+                                    "columns?")
     max_examples: int | None = key(None, "use the first N training examples (arithmetic: generate N; "
                                    "default 2000)", "int?")
     max_length: int = key(256, "tokens per example; longer examples are truncated (and counted)", "int")
@@ -109,7 +121,9 @@ class TrainConfig(MatryoshkaConfig):
             raise UserError("invalid config: " + "; ".join(problems))
 
 
-WHAT_TO_TRAIN = ("model", "data", "max_examples", "max_length")
+WHAT_TO_TRAIN = ("model", "data", "data_config", "data_split", "eval_split", "data_format", "data_columns",
+                 "max_examples", "max_length")
+DATA_KEYS = ("data_config", "data_split", "eval_split", "data_format", "data_columns")  # how `data` is read
 FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
 ADAPTER_FIELDS = tuple(f.name for f in dataclasses.fields(MatryoshkaConfig))
 
@@ -142,7 +156,15 @@ def run_problems(c: TrainConfig) -> list[str]:
     if not c.model:
         out.append("model is empty; give a hub id, a local folder, a .gguf file or smollm2")
     if not c.data:
-        out.append("data is empty; give arithmetic, gsm8k, platypus, a .jsonl file or a folder")
+        out.append("data is empty; give arithmetic, gsm8k, platypus, a data file, a folder or a hub dataset id")
+    if c.data_format not in DATA_FORMATS:
+        out.append(f"data_format={c.data_format!r} is not valid; choose one of {', '.join(DATA_FORMATS)}")
+    for k in ("data_split", "eval_split"):
+        if not getattr(c, k):
+            out.append(f"{k} is empty; give a split name such as train or test")
+    problem = columns_problem(c.data_columns)
+    if problem:
+        out.append(problem)
     return out
 
 

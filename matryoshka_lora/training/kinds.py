@@ -108,20 +108,36 @@ def _to_json_setting(value, bad):
     return (value, None) if isinstance(value, str) else (None, bad + "give a mapping or the path of a JSON file")
 
 
+def _to_columns(value, bad):
+    """format column -> data column: a mapping, or "prompt=question,completion=answer"."""
+    if _is_none(value, _NONE_WORDS + ("",)):
+        return None, None
+    if isinstance(value, str):
+        pairs = [p.split("=", 1) for p in _split(value)]
+        if not pairs or any(len(p) != 2 or not p[0].strip() or not p[1].strip() for p in pairs):
+            return None, bad + "give format=column pairs such as prompt=question,completion=answer"
+        value = {k.strip(): v.strip() for k, v in pairs}
+    if isinstance(value, dict) and value and all(isinstance(k, str) and isinstance(v, str) and v
+                                                 for k, v in value.items()):
+        return dict(value), None
+    return None, bad + "give format=column pairs such as prompt=question,completion=answer"
+
+
 def _to_dict(value, bad):
     return (dict(value), None) if isinstance(value, dict) else (None, bad + "give a mapping")
 
 
 COERCE = {"str": _to_str, "str?": _to_str, "int": _to_int, "int?": _to_int, "float": _to_float, "bool": _to_bool,
           "floats?": _to_floats, "ranks": _to_ranks, "modules": _to_modules, "fsdp": _to_fsdp,
-          "json?": _to_json_setting, "dict": _to_dict}
+          "json?": _to_json_setting, "dict": _to_dict,
+          "columns?": _to_columns}
 
 
 def _parse_cli(kind: str, value: str):
     """A command-line string as the YAML value it stands for (comma lists for ranks, weights and modules)."""
     if kind in ("ranks", "floats?", "modules") and "," in value:
         return _split(value)
-    if kind in ("str", "modules"):
+    if kind in ("str", "modules", "columns?"):
         return value
     try:
         return yaml.safe_load(value)

@@ -117,7 +117,9 @@ def prepare(config: TrainConfig, trainer_class: type) -> Prepared:
 
 
 def _features(config: TrainConfig, tokenizer) -> tuple[list[dict], dict]:
-    examples = load_examples(config.data, "train", config.max_examples, tokenizer, seed=config.seed)
+    examples = load_examples(config.data, config.data_split, config.max_examples, tokenizer, seed=config.seed,
+                             data_format=config.data_format, data_columns=config.data_columns,
+                             data_config=config.data_config)
     features, counts = tokenize_examples(examples, tokenizer, config.max_length)
     if int(os.environ.get("RANK", "0")) == 0:
         print(f"data {config.data}: {describe_counts(counts, config.max_length)}", flush=True)
