@@ -28,9 +28,9 @@ class TrainConfig(MatryoshkaConfig):
     data: str = key("arithmetic", "arithmetic (built-in, offline), gsm8k, platypus, a .jsonl/.json/.csv/.parquet "
                     "file, a folder (train.jsonl, test.jsonl, ...) or a hub dataset id such as tatsu-lab/alpaca", "str")
     data_config: str | None = key(None, "config (subset) of a hub dataset, e.g. main for openai/gsm8k", "str?")
-    data_split: str = key("train", "split to train on (a folder's <split>.jsonl; slices such as train[:90%] work)",
+    data_split: str = key("train", "split to train on (a folder's <split>.jsonl; slices such as train[:1000] work)",
                           "str")
-    eval_split: str = key("test", "split `eval` uses when it is not given --task (e.g. test_sft, train[90%:])", "str")
+    eval_split: str = key("test", "split `eval` uses when it is not given --task (e.g. test_sft, or train[-200:])", "str")
     data_format: str = key("auto", "auto (from the columns), alpaca (instruction/input/output), sharegpt "
                            "(conversations of from/value), messages (OpenAI role/content), prompt_completion, "
                            "question_answer, or text (plain language modelling, loss on every token). Chat formats "
