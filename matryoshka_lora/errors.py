@@ -26,6 +26,14 @@ class AdapterFileError(ValueError):
     """An adapter file is missing, truncated, corrupt, contradicts another file, or does not fit the model."""
 
 
+def first_line(e: BaseException) -> str:
+    """The first line of an exception's message (its cause's, where datasets wraps one), for one-line errors."""
+    while e.__cause__ is not None and "error occurred while generating" in str(e):  # datasets wraps the cause
+        e = e.__cause__
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
 class ArgumentParser(argparse.ArgumentParser):
     """argparse that reports a bad command line as a UserError: one line, exit 2, instead of the usage dump."""
 

@@ -4,7 +4,9 @@ import json
 import pytest
 from transformers import AutoTokenizer
 
-from matryoshka_lora.data import Collator, gsm8k_prompt, load_examples, tokenize_examples
+from matryoshka_lora.data import load_examples
+from matryoshka_lora.features import Collator, tokenize_examples
+from matryoshka_lora.formats import gsm8k_prompt
 from matryoshka_lora.errors import UserError
 
 

@@ -9,7 +9,8 @@ from transformers import AutoTokenizer
 
 from matryoshka_lora import cli
 from matryoshka_lora.arithmetic import make_split
-from matryoshka_lora.data import load_examples, tokenize_examples
+from matryoshka_lora.data import load_examples
+from matryoshka_lora.features import tokenize_examples
 from matryoshka_lora.errors import UserError
 from matryoshka_lora.evaluation.run import run_data_options
 from matryoshka_lora.evaluation.tasks import load_task

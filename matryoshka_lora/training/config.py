@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 from ..base_models import DTYPES
 from ..config import MatryoshkaConfig, key
-from ..data import DATA_FORMATS, columns_problem
+from ..formats import DATA_FORMATS, columns_problem
 from ..errors import UserError
 from .kinds import coerce_kind
 from .sharding import sharding_problems

@@ -23,7 +23,8 @@ from transformers.trainer_callback import ProgressCallback
 from transformers.training_args import ParallelMode
 
 from ..base_models import load_base_model, load_tokenizer, resolve_model
-from ..data import Collator, describe_counts, load_examples, tokenize_examples
+from ..data import load_examples
+from ..features import Collator, describe_counts, tokenize_examples
 from ..errors import TrainingStopped, UserError
 from ..files import write_json, write_yaml
 from ..model import adapter_shapes, get_matryoshka_model
