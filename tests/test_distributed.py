@@ -9,6 +9,7 @@ the real ones. Without the launcher, ``--fsdp`` on CPU is refused with one line 
 import importlib.util
 import json
 import os
+import runpy
 import socket
 import subprocess
 import sys
@@ -17,8 +18,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from conftest import skip_unless
 from matryoshka_lora import cli
 from matryoshka_lora.cli.train import parse_args
+from matryoshka_lora.training import train as train_in_process
 from matryoshka_lora.training.sharding import sharding_args
 
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"]
@@ -48,8 +51,12 @@ sys.exit(main(["train", *sys.argv[1:]]))
 '''
 
 # accelerate starts DeepSpeed's process group only when it finds an accelerator backend (nccl, ...); here gloo
-# on CPU, the one thing this launcher changes (DeepSpeed itself runs on its CPU accelerator).
+# on CPU, the one thing this launcher changes (DeepSpeed itself runs on its CPU accelerator). Besides, DeepSpeed's
+# CPU accelerator would JIT-compile its shared-memory all-reduce kernel (deepspeed_shm_comm, a CPU-only speed-up
+# that GPUs never use) on first use: about 3 minutes on a 2-core machine, every CI run. Without it DeepSpeed's
+# collectives go through torch.distributed (gloo), as its own code does where the kernel is unavailable.
 ZERO_ON_CPU = '''
+import importlib
 import os
 import sys
 import accelerate.state
@@ -66,6 +73,9 @@ def prepare_gloo(self, cpu=False, sagemaker_dp=False, backend=None):
 
 
 accelerate.state.PartialState._prepare_backend = prepare_gloo
+shm = importlib.import_module("deepspeed.comm.torch")
+assert hasattr(shm, "build_shm_op"), "deepspeed moved build_shm_op: update ZERO_ON_CPU"  # else 3 minutes more
+shm.build_shm_op = lambda: None  # no JIT build (see above)
 from matryoshka_lora.cli import main
 
 sys.exit(main(["train", *sys.argv[1:]]))
@@ -128,6 +138,68 @@ def test_two_processes_match_one_with_double_batch(tiny_llama_dir, tmp_path, met
     proc = train(args, two, 2, 2)
     assert_same_run(two, one)
     assert_one_reporter(proc, 3)
+
+
+# `matryoshka-lora train` with a Trainer whose loss is NaN at one step on one process only: NAN_RANK's process at
+# optimizer step NAN_STEP. NaN is added as a constant, so the loss is NaN but the gradients stay finite: under DDP
+# a NaN gradient would reach every process through the gradient all-reduce anyway; a NaN loss reaches the others
+# only through the all-reduced skip decision (``guarded_step``).
+NAN_ON_ONE_PROCESS = '''
+import os
+import sys
+from matryoshka_lora import cli
+from matryoshka_lora.cli.train import parse_args
+from matryoshka_lora.training import train
+from matryoshka_lora.training.trainer import MatryoshkaTrainer
+
+
+class NanOnOneProcess(MatryoshkaTrainer):
+    def compute_loss(self, model, inputs, *args, **kwargs):
+        loss = super().compute_loss(model, inputs, *args, **kwargs)
+        if self.state.global_step + 1 == int(os.environ["NAN_STEP"]) and \\
+                self.args.process_index == int(os.environ["NAN_RANK"]):
+            loss = loss + float("nan")
+        return loss
+
+
+if __name__ == "__main__":
+    sys.exit(cli.run_guarded(lambda a: train(parse_args(a), NanOnOneProcess) and 0, sys.argv[1:],
+                             prog="matryoshka-lora train"))
+'''
+
+
+def test_a_non_finite_loss_on_one_process_skips_the_step_on_all(tiny_llama_dir, tmp_path, monkeypatch, capsys,
+                                                                one_thread):
+    """Step 2's loss is NaN on process 1 of 2 only (its gradients finite): both processes skip step 2 and train
+    on, to the adapter of one process (batch 4) that skips step 2. Fails when ``guarded_step`` does not
+    all-reduce the skip decision (process 0 then steps, process 1 does not: one skip message, another adapter)."""
+    script = tmp_path / "nan_on_one_process.py"
+    script.write_text(NAN_ON_ONE_PROCESS)
+    args = ["--model", tiny_llama_dir, "--max_examples", "16", "--max_length", "96", "--logging_steps", "1",
+            "--learning_rate", "0.01", "--warmup_steps", "0", "--rank", "4", "--method", "dylora", "--max_steps",
+            "4", "--save_steps", "0", "--seed", "3", "--use_cpu"]
+    one, two = str(tmp_path / "one"), str(tmp_path / "two")
+    monkeypatch.setenv("NAN_STEP", "2")
+    monkeypatch.setenv("NAN_RANK", "0")  # one process (in this one, to save a start): its step 2 is skipped
+    trainer_class = runpy.run_path(str(script))["NanOnOneProcess"]
+    assert cli.run_guarded(lambda a: train_in_process(parse_args(a), trainer_class) and 0,
+                           [*args, "--batch_size", "4", "--output_dir", one], prog="matryoshka-lora train") == 0
+    skipped = "step 2: non-finite loss or gradient, step skipped (1 in a row, 1 in all)"
+    assert capsys.readouterr().out.count(skipped) == 1
+    monkeypatch.setenv("NAN_RANK", "1")
+    proc = launch([*TORCHRUN, "--master_port", str(free_port()), str(script)], args, two, 2)
+    assert proc.stdout.count(skipped) == 2, proc.stdout[-3000:]  # printed by each process: both skipped
+    assert "step skipped" not in proc.stdout.replace(skipped, "")  # and no other step
+    a, b = adapter(one), adapter(two)
+    assert b.keys() == a.keys()
+    for key in a:
+        torch.testing.assert_close(b[key], a[key], atol=1e-5, rtol=0)
+    assert [e["step"] for e in log_of(two)] == [1, 2, 3, 4]  # trained on after the skip
+    # the logged loss of step 2 is a mean over the processes' losses, the bad one counted as 0: not compared
+    assert [e["loss"] for i, e in enumerate(log_of(two)) if i != 1] == \
+        pytest.approx([e["loss"] for i, e in enumerate(log_of(one)) if i != 1], abs=1e-5)
+    assert [e["rank"] for e in log_of(two)] == [e["rank"] for e in log_of(one)]
+    assert_one_reporter(proc, 4)
 
 
 # ---------------------------------------------------------------- accelerate launch, FSDP2, ZeRO-3
@@ -321,8 +393,8 @@ def test_fsdp_on_cpu_is_refused_in_one_line(tiny_llama_dir, tmp_path):
 
 def test_zero3_two_processes_match_one_with_double_batch(tiny_llama_dir, tmp_path, reference):
     """DeepSpeed ZeRO-3 partitions the model over 2 processes; the saved adapter is gathered whole."""
-    if importlib.util.find_spec("deepspeed") is None:
-        pytest.skip("deepspeed is not installed (pip install deepspeed; it is not a dependency)")
+    skip_unless(importlib.util.find_spec("deepspeed") is not None,
+                "deepspeed is not installed (pip install deepspeed, or the ci extra; it is not a dependency)")
     ds = tmp_path / "zero3.json"
     ds.write_text(json.dumps({"zero_optimization": {"stage": 3, "stage3_gather_16bit_weights_on_model_save": True},
                               "train_micro_batch_size_per_gpu": "auto", "train_batch_size": "auto",

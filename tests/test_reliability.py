@@ -121,19 +121,38 @@ def test_persistent_nan_stops_and_keeps_last_good_checkpoint(args, tmp_path, cap
     assert all(torch.isfinite(t).all() for t in good.values())
 
 
-def test_resume_ignores_a_partial_checkpoint(straight, tmp_path):
-    """A save that died halfway (no completion marker) is never picked by --resume."""
+def test_resume_ignores_a_partial_checkpoint(args, straight, tmp_path, capsys):
+    """A save that died halfway (no completion marker) is never picked by --resume: a run stopped while writing
+    checkpoint-4 resumes from checkpoint-2 and ends as the uninterrupted run (adapter, losses, draws), and the
+    half-written checkpoint-4 is written again whole. Fails when ``rundir.latest_checkpoint`` takes a checkpoint
+    without its marker, or when ``--resume`` (``rundir.check_output_dir``) picks the newest checkpoint folder
+    instead of ``latest_checkpoint``'s (the resume then reads the half-written adapter)."""
     import shutil
 
     run = str(tmp_path / "run")
     shutil.copytree(straight, run)
-    newest = rundir.latest_checkpoint(run)
-    partial = os.path.join(run, "checkpoints", "checkpoint-99")
-    shutil.copytree(newest, partial)
+    for name in (rundir.COMPLETE, rundir.WEIGHTS):  # stopped before the final save
+        os.remove(os.path.join(run, name))
+    complete = os.path.join(run, rundir.CHECKPOINTS, "checkpoint-2")
+    partial = os.path.join(run, rundir.CHECKPOINTS, "checkpoint-4")
+    assert rundir.latest_checkpoint(run) == partial  # complete, until its save is made to have died halfway:
     os.remove(os.path.join(partial, rundir.CHECKPOINT_DONE))
     with open(os.path.join(partial, "adapter_model.safetensors"), "wb") as f:
         f.write(b"half")
-    assert rundir.latest_checkpoint(run) == newest
+    assert rundir.latest_checkpoint(run) == complete
+    assert cli.main(["train", *args, "--output_dir", run, "--resume"]) == 0
+    assert f"resuming from {complete}\n" in capsys.readouterr().out
+    got, want = weights(run), weights(straight)
+    assert got.keys() == want.keys()
+    for key in want:
+        torch.testing.assert_close(got[key], want[key], atol=1e-6, rtol=0)
+    assert [e["step"] for e in log_of(run)] == [e["step"] for e in log_of(straight)]
+    assert [e["loss"] for e in log_of(run)] == pytest.approx([e["loss"] for e in log_of(straight)], abs=1e-6)
+    assert [e["rank"] for e in log_of(run)] == [e["rank"] for e in log_of(straight)]
+    assert os.path.isfile(os.path.join(run, rundir.COMPLETE))
+    assert rundir.latest_checkpoint(run) == partial  # saved again, whole, and marked
+    saved = load_file(os.path.join(partial, "adapter_model.safetensors"))
+    assert saved.keys() == want.keys()
 
 
 def test_resume_with_another_seed_warns(args, straight, tmp_path, capsys):

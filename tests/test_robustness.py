@@ -138,8 +138,37 @@ def test_failed_checkpoint_write_keeps_the_previous(args, tmp_path, monkeypatch,
     assert not os.path.exists(os.path.join(run, rundir.COMPLETE))
 
 
+def test_failed_final_save_exits_1_and_stays_resumable(args, tmp_path, monkeypatch, capsys):
+    """Disk full while the final adapter is moved into place: exit 1 with one message naming the intact last
+    checkpoint, no run_complete.json, no temporary folder left; --resume then finishes the run. Fails when
+    ``finish`` does not turn the OSError into that stop (a traceback instead), or marks the run complete anyway."""
+    def disk_full(src, dst):  # the adapter and tokenizer are written to the temporary folder, then this
+        raise OSError(28, "No space left on device")
+
+    run = str(tmp_path / "run")
+    with monkeypatch.context() as m:
+        m.setattr(rundir, "move_contents", disk_full)  # what save_final calls
+        assert cli.main(["train", *args, "--output_dir", run]) == 1
+    err = capsys.readouterr().err
+    last = os.path.join(run, rundir.CHECKPOINTS, "checkpoint-4")
+    assert f"could not write the final adapter to {run}: [Errno 28] No space left on device; the last " \
+           f"checkpoint {last} is intact" in err and "Traceback" not in err, err
+    assert not os.path.exists(os.path.join(run, rundir.COMPLETE))
+    assert not os.path.exists(os.path.join(run, rundir.WEIGHTS))
+    assert not [f for f in os.listdir(run) if f.startswith(".final-tmp-")]
+    assert rundir.latest_checkpoint(run) == last
+    assert cli.main(["train", *args, "--output_dir", run, "--resume"]) == 0  # nothing left to train: the save
+    assert f"resuming from {last}" in capsys.readouterr().out
+    assert os.path.isfile(os.path.join(run, rundir.COMPLETE)) and os.path.isfile(os.path.join(run, rundir.WEIGHTS))
+
+
 def test_only_safe_loading():
-    """Weights are safetensors; any torch.load, ours or the Trainer's checkpoint resume, uses weights_only=True."""
+    """Weights are safetensors; any torch.load, ours or the Trainer's checkpoint resume, uses weights_only=True.
+    The check must see what it checks: every ``torch.load(`` of the Trainer (its optimizer, scheduler and RNG
+    state among them) is one it read, and all of our package's files are read, subpackages included. Fails when
+    the Trainer's calls are not found (e.g. they moved out of ``transformers.trainer``, or a pattern that matches
+    nothing: the test would pass with no call checked), and on a ``torch.load`` without ``weights_only=True`` in
+    a subpackage (``training/``, ...), which reading only the package's top-level files missed."""
     import inspect
     import re
 
@@ -147,9 +176,18 @@ def test_only_safe_loading():
     import matryoshka_lora
 
     root = os.path.dirname(matryoshka_lora.__file__)
-    ours = "".join(open(os.path.join(root, f)).read() for f in os.listdir(root) if f.endswith(".py"))
+    paths = [os.path.join(d, f) for d, _, names in os.walk(root) for f in names if f.endswith(".py")]
+    assert {"training", "evaluation", "cli"} <= {os.path.basename(os.path.dirname(p)) for p in paths}
+    ours = "".join(open(p).read() for p in paths)
     trainer = inspect.getsource(transformers.trainer)
     for source in (ours, trainer):
-        for call in re.findall(r"torch\.load\((.*?)\)\n", source, flags=re.S):
+        calls = re.findall(r"torch\.load\((.*?)\)\n", source, flags=re.S)
+        assert len(calls) == source.count("torch.load("), "a torch.load call the pattern does not see"
+        for call in calls:
             assert "weights_only=True" in call, call
+        if source is trainer:  # the checkpoint resume's loads are among those checked
+            assert calls, "no torch.load found in transformers.trainer: this test would check nothing"
+            missing = [n for n in ("OPTIMIZER_NAME", "SCHEDULER_NAME", "rng_file") if not any(n in c for c in calls)]
+            assert not missing, f"the Trainer's resume loads {missing} were not among the calls checked: {calls}"
     assert "pickle" not in ours
+    assert not re.search(r"from torch import .*\bload\b|torch\.serialization\.load", ours)

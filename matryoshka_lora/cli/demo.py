@@ -19,6 +19,10 @@ TRAIN = {
     "logging_steps": 10, "save_steps": 0,
 }
 EVAL = {"task": "arithmetic", "limit": 32, "batch_size": 32, "max_new_tokens": 48}
+# --quick: the same path (train, evaluate every rank, compare), shrunk to check an installation (and for the test,
+# tests/test_demo.py); its numbers mean nothing.
+QUICK_TRAIN = {"max_examples": 4, "batch_size": 1, "max_steps": 2, "logging_steps": 1, "warmup_steps": 0}
+QUICK_EVAL = {"limit": 1, "max_new_tokens": 4}
 METHODS = "dylora,matryoshka"
 SEED = 0
 
@@ -33,18 +37,25 @@ def build_parser() -> argparse.ArgumentParser:
                                                                               "(default: runs/demo)")
     p.add_argument("--methods", default=METHODS, help=f"comma-separated methods (default: {METHODS}; add lora, "
                                                       "lora-svd, matryoshka-exact or sandwich)")
-    p.add_argument("--max_steps", type=int, default=TRAIN["max_steps"], help="optimizer steps per method "
-                                                                             f"(default: {TRAIN['max_steps']})")
-    p.add_argument("--limit", type=int, default=EVAL["limit"], help="test problems per rank "
-                                                                    f"(default: {EVAL['limit']})")
+    p.add_argument("--max_steps", type=int, default=None, help="optimizer steps per method "
+                                                                f"(default: {TRAIN['max_steps']})")
+    p.add_argument("--limit", type=int, default=None, help="test problems per rank "
+                                                           f"(default: {EVAL['limit']})")
+    p.add_argument("--quick", action="store_true",
+                   help="the same steps shrunk to well under a minute, to check an installation (the numbers mean "
+                        f"nothing): {QUICK_TRAIN['max_steps']} steps of batch {QUICK_TRAIN['batch_size']} from "
+                        f"{QUICK_TRAIN['max_examples']} examples, test problems per rank: {QUICK_EVAL['limit']}, "
+                        f"new tokens: {QUICK_EVAL['max_new_tokens']}; --max_steps and --limit still apply")
     return p
 
 
 def main(argv) -> int:
     args = build_parser().parse_args(argv)
     started = time.perf_counter()
-    train = dict(TRAIN, max_steps=args.max_steps)
-    summary = compare(None, parse_methods(args.methods), [SEED], args.output_dir, train, dict(EVAL, limit=args.limit))
+    train, evaluation = (dict(TRAIN, **QUICK_TRAIN), dict(EVAL, **QUICK_EVAL)) if args.quick else (TRAIN, EVAL)
+    train = dict(train, max_steps=train["max_steps"] if args.max_steps is None else args.max_steps)
+    evaluation = dict(evaluation, limit=evaluation["limit"] if args.limit is None else args.limit)
+    summary = compare(None, parse_methods(args.methods), [SEED], args.output_dir, train, evaluation)
     minutes = (time.perf_counter() - started) / 60
     first = next(iter(summary["methods"].values()))["per_seed"][str(SEED)]["run_dir"]
     print(f"\ndemo finished in {minutes:.1f} min.\nnext:\n"
