@@ -4,10 +4,15 @@ import os
 
 import pytest
 import yaml
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from matryoshka_lora.adapter_io import load_matryoshka_model
 from matryoshka_lora.cli import main
 from matryoshka_lora.compare import aggregate, compare
 from matryoshka_lora.errors import UserError
+from matryoshka_lora.ranks import aurac
+from test_evaluate import (ANSWER_TOKENS, QUESTIONS, answering_base, answers_of, expected_gsm8k, greedy_answers,
+                           write_jsonl)
 
 
 def run_compare(model: str, out, methods: str, seeds: str, *extra: str) -> int:
@@ -148,3 +153,112 @@ def test_compare_score_only_refuses_a_generated_metric_before_training(tiny_llam
     assert run_compare(tiny_llama_dir, out, "dylora", "1", "--score_only", "--metric", "exact_match_strict") == 2
     err = capsys.readouterr().err
     assert "--metric 'exact_match_strict' needs generation" in err and not out.exists()
+
+
+# compare on answers that can be right: on the random model of `compared` every exact match is 0 at every rank, so
+# tabulating another metric, rank or seed would go unseen there.
+ANSWERED_METHODS, ANSWERED_SEEDS, ANSWERED_RANKS = ("matryoshka", "lora-svd"), (1, 2), (1, 2, 4)
+METRICS = ("exact_match_strict", "exact_match_flexible", "token_acc")
+
+
+def run_answered(model: str, out, task: str, *extra: str) -> int:
+    """`compare` on test_evaluate's answering base: 2 steps at a learning rate high enough (0.3) that the trained
+    ranks answer differently, rank 4, evaluated on ``task``."""
+    return main(["compare", "--model", model, "--data", "arithmetic", "--max_examples", "16", "--max_steps", "2",
+                 "--batch_size", "4", "--rank", "4", "--learning_rate", "0.3", "--logging_steps", "1",
+                 "--save_steps", "0", "--methods", ",".join(ANSWERED_METHODS),
+                 "--seeds", ",".join(map(str, ANSWERED_SEEDS)), "--max_new_tokens", str(ANSWER_TOKENS),
+                 "--task", task, "--output_dir", str(out), *extra])
+
+
+@pytest.fixture(scope="module")
+def answered(smol_tokenizer_dir, tmp_path_factory):
+    """A compare (matryoshka and lora-svd, seeds 1 and 2) on test_evaluate's answering base, evaluated on a gsm8k task
+    whose references are the trained matryoshka's (seed 2) own answers at rank 2; and per method and seed the
+    expected values at ranks 0 (the base model), 1, 2 and 4, computed from the saved adapters without the evaluation
+    code."""
+    d = tmp_path_factory.mktemp("answered")
+    base_dir = answering_base(smol_tokenizer_dir, d / "base")
+    tokenizer = AutoTokenizer.from_pretrained(base_dir)
+    out, first = d / "compare", d / "first"
+    first.mkdir()
+    write_jsonl(first / "test.jsonl", [{"question": QUESTIONS[0], "answer": "#### 3"}])
+    assert run_answered(base_dir, out, str(first)) == 0  # trains the runs (and evaluates a one-question task)
+    models, completions = {}, {}
+    for m in ANSWERED_METHODS:
+        for seed in ANSWERED_SEEDS:
+            model = AutoModelForCausalLM.from_pretrained(base_dir)
+            model.set_attn_implementation("eager")
+            models[m, seed] = model = load_matryoshka_model(model, str(out / m / f"seed-{seed}")).eval()
+            completions[m, seed] = greedy_answers(model, tokenizer, QUESTIONS, ANSWERED_RANKS)
+    base_answers = greedy_answers(model, tokenizer, QUESTIONS, [0])  # one base model, adapter off
+    for c in completions.values():
+        c.update(base_answers)
+    numbers = answers_of(completions["matryoshka", 2][2])
+    assert None not in numbers
+    rows = [{"question": q, "answer": f"#### {n}"} for q, n in zip(QUESTIONS[:-1], numbers)]
+    rows.append({"question": QUESTIONS[-1], "answer": "#### 9"})  # its true sum, which no rank writes
+    task = d / "task"
+    task.mkdir()
+    write_jsonl(task / "test.jsonl", rows)
+    expected = {key: expected_gsm8k(model, tokenizer, rows, completions[key]) for key, model in models.items()}
+    assert run_answered(base_dir, out, str(task)) == 0  # evaluates the runs on the task
+    # the values can tell a metric, a rank and a seed from another
+    for metric in METRICS:
+        curves = {key: tuple(e[k][metric] for k in ANSWERED_RANKS) for key, e in expected.items()}
+        assert all(v > 0 for c in curves.values() for v in c), metric
+        assert any(len(set(c)) > 1 for c in curves.values()), metric
+        if metric != "token_acc":  # (token_acc: the runs agree on most reference tokens, and here on their count)
+            assert all(curves[m, 1] != curves[m, 2] for m in ANSWERED_METHODS), metric
+    for a, b in [("exact_match_strict", "exact_match_flexible"), ("exact_match_strict", "token_acc")]:
+        assert any(e[k][a] != e[k][b] for e in expected.values() for k in ANSWERED_RANKS), (a, b)
+    return {"base_dir": base_dir, "task": str(task), "out": out, "expected": expected}
+
+
+def check_table(answered, metric: str):
+    """compare.json's per-seed curves, their means, AURACs and the base model's value are the expected ``metric``."""
+    summary = json.loads((answered["out"] / "compare.json").read_text())
+    expected = answered["expected"]
+    assert summary["metric"] == metric and summary["ranks"] == list(ANSWERED_RANKS)
+    assert summary["pretrained"] == expected["matryoshka", 1][0][metric]
+    for m in ANSWERED_METHODS:
+        entry = summary["methods"][m]
+        curves = {seed: [expected[m, seed][k][metric] for k in ANSWERED_RANKS] for seed in ANSWERED_SEEDS}
+        for seed, curve in curves.items():
+            assert entry["per_seed"][str(seed)]["per_rank"] == curve, (m, seed)
+            assert entry["per_seed"][str(seed)]["aurac"] == pytest.approx(aurac(list(ANSWERED_RANKS), curve))
+        assert entry["per_rank"] == pytest.approx([sum(v) / len(v) for v in zip(*curves.values())])
+        assert entry["aurac"] == pytest.approx(sum(aurac(list(ANSWERED_RANKS), c) for c in curves.values()) / 2)
+
+
+def test_compare_tables_answers_that_can_be_right(answered):
+    """compare.json holds, per method, seed and rank, the exact_match_strict computed from the saved adapters without
+    the evaluation code (non-zero, different per rank and seed), their means over seeds and AURACs, and the base
+    model's.
+
+    Fails if rank_metrics scores completion i against item i + 1, or if aggregate tabulates the first seed's curve
+    for every seed."""
+    assert run_answered(answered["base_dir"], answered["out"], answered["task"]) == 0  # reuses runs and evaluations
+    check_table(answered, "exact_match_strict")
+
+
+@pytest.mark.parametrize("metric", ["exact_match_flexible", "token_acc"])
+def test_compare_tabulates_another_metric_of_answers_that_can_be_right(answered, metric, capsys):
+    """--metric tabulates that metric of the same evaluations: the expected exact_match_flexible or token_acc per
+    method, seed and rank (each differs from exact_match_strict somewhere).
+
+    Fails if _metric_value tabulates the primary metric (exact_match_strict) whatever --metric asks."""
+    assert run_answered(answered["base_dir"], answered["out"], answered["task"], "--metric", metric) == 0
+    assert "reusing finished ranks pretrained, 1, 2, 4" in capsys.readouterr().out
+    check_table(answered, metric)
+
+
+def test_compare_score_only_tables_token_acc_of_answers_that_can_be_right(answered):
+    """--score_only tabulates token_acc from RUN_DIR/eval-score: the expected token_acc per method, seed and rank.
+
+    Fails if a score_only pass gives every rank the first rank's scores."""
+    assert run_answered(answered["base_dir"], answered["out"], answered["task"], "--score_only") == 0
+    check_table(answered, "token_acc")
+    for m in ANSWERED_METHODS:
+        for seed in ANSWERED_SEEDS:
+            assert (answered["out"] / m / f"seed-{seed}" / "eval-score" / "eval.json").is_file()

@@ -1,14 +1,18 @@
-"""The eval command end to end on a tiny random Llama: outputs, resuming, stacked == sequential, bad input."""
+"""The eval command end to end on a tiny random Llama: outputs, resuming, stacked == sequential, bad input; and on a
+tiny Llama set by hand to answer gsm8k prompts (`answering_base`), whose metrics are checked against values computed
+here without the evaluation code."""
+import contextlib
 import json
 import os
+import re
 import shutil
 
 import pytest
 import torch
 import yaml
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-from matryoshka_lora import MatryoshkaConfig, get_matryoshka_model
+from matryoshka_lora import MatryoshkaConfig, get_matryoshka_model, use_rank
 from matryoshka_lora.cli import main as cli_main
 from matryoshka_lora.evaluation import evaluate_run
 from matryoshka_lora.evaluation.results import log_aurac_allowed
@@ -27,15 +31,25 @@ GSM_ROWS = [
 ]
 
 
-def make_run(tiny_llama_dir, run_dir, rank=8, data="arithmetic", seed=0):
-    """A run folder as `train` writes it, with random non-zero lora_B so every rank differs."""
-    base = AutoModelForCausalLM.from_pretrained(tiny_llama_dir)
-    model = get_matryoshka_model(base, MatryoshkaConfig(rank=rank, method="matryoshka"))
+def random_adapter(base_dir, rank=8, seed=0, scale=0.5):
+    """A matryoshka model on the base model in ``base_dir`` with random non-zero lora_B (scale · N(0, 1)), so every
+    rank differs."""
+    base = AutoModelForCausalLM.from_pretrained(base_dir)
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)  # lora_A's initialisation: the same adapter whatever ran before
+        model = get_matryoshka_model(base, MatryoshkaConfig(rank=rank, method="matryoshka"))
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "lora_B" in name:
-                p.copy_(torch.randn(p.shape, generator=gen) * 0.5)
+                p.copy_(torch.randn(p.shape, generator=gen) * scale)
+    return model
+
+
+def make_run(tiny_llama_dir, run_dir, rank=8, data="arithmetic", seed=0, scale=0.5, model=None):
+    """A run folder as `train` writes it, with random non-zero lora_B so every rank differs (or ``model``'s adapter,
+    a ``random_adapter`` on the base model in ``tiny_llama_dir``)."""
+    model = model if model is not None else random_adapter(tiny_llama_dir, rank, seed, scale)
     model.save_pretrained(run_dir)
     AutoTokenizer.from_pretrained(tiny_llama_dir).save_pretrained(run_dir)
     with open(os.path.join(run_dir, "train_config.yaml"), "w") as f:
@@ -48,6 +62,197 @@ def write_jsonl(path, rows):
         for row in rows:
             f.write(json.dumps(row) + "\n")
     return str(path)
+
+
+# Answers that can be right. A random model never writes "#### N": on it every exact match is 0 at every rank, so a
+# metric test compares zeros (scoring completion i against item j, or reporting the wrong metric, would pass).
+# `answering_base` is a tiny Llama set by hand to answer gsm8k prompts with a number; the expected values are computed
+# here without the evaluation code: plain, unbatched `model.generate` and forwards under `use_rank`, and lm-eval's gsm8k
+# filters written as the regexes of its gsm8k.yaml.
+
+GSM8K_UNTIL = ("Question:", "</s>", "<|im_end|>")  # gsm8k.yaml's generation_kwargs.until
+STRICT_MATCH = r"#### (\-?[0-9\.\,]+)"  # gsm8k.yaml's strict-match regex (first match)
+FLEXIBLE_EXTRACT = r"(-?[$0-9.,]{2,})|(-?[0-9]+)"  # gsm8k.yaml's flexible-extract regex (last match)
+INVALID = "[invalid]"
+MARGIN = 1e-3  # every greedy choice the expected values rest on wins by this much: no rounding can flip it
+# the answering model writes the digit a question holds most often (larger on a tie); a question full of one digit
+# gets no " ####" (strict-match finds nothing, flexible-extract does); a random adapter changes some answers by rank
+QUESTIONS = ["Tom has 3 apples and buys 3 more. How many apples?", "A pen costs 2 dollars. How much do 5 pens cost?",
+             "Anna reads 12 pages a day for 3 days. How many?", "Ben had 20 cards and gave away 8. How many are left?",
+             "What is 3 times 33?", "Is 5 + 55 equal to 60?", "Sam has 8 books and gets 17 more. How many?",
+             "Maria has 18 cards and gets 3 more. How many?", "Ben has 5 toys and gets 4 more. How many?"]
+ANSWER_RANK = 2  # the rank whose answers become the references (all but the last, whose answer no rank writes)
+ANSWERING_RANKS = [0, 1, 2, 4, 8]
+ANSWER_TOKENS = 6
+
+
+def answering_base(tokenizer_dir, out_dir, gain=5.0, bigram=8.0, hashes=4.0):
+    """A tiny Llama, set by hand (no training), that answers gsm8k prompts; saved with the tokenizer in ``out_dir``.
+
+    After "...Answer:" it writes " #### d\\nd\\n...", d being the digit the prompt holds most often (the larger on a
+    tie), and leaves out " ####" when one digit fills the prompt. How: every token keeps its own dimensions (":",
+    " ####", " ", "\\n", "a digit", and one per digit); the first attention layer attends evenly to every earlier
+    token (q = k = 0) and its values and output copy the per-digit dimensions, so they hold each digit's share of the
+    context (times ``gain``); the second layer's attention and both MLPs are off; the untied output layer is a
+    bigram table ":" -> " ####" -> " " -> digit -> "\\n" -> digit (weight ``bigram``, ``hashes`` for " ####"), whose
+    digit rows also read the digit shares. An adapter with random lora_B moves the shares: some ranks change some
+    answers.
+    """
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    colon, hash_token, space, *digits, newline = tokenizer(": #### 0123456789\n", add_special_tokens=False)["input_ids"]
+    assert len(digits) == 10 and tokenizer.decode([hash_token]) == " ####" and tokenizer.decode([space]) == " "
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
+                         tie_word_embeddings=False, bos_token_id=tokenizer.bos_token_id,
+                         eos_token_id=tokenizer.eos_token_id)
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        model = LlamaForCausalLM(config)
+    digit_dim = 5  # dimensions 0..4: ":", " ####", " ", "\n", any digit; 5..14: one per digit; 15..31: other tokens
+    with torch.no_grad():
+        emb, head = model.model.embed_tokens.weight, model.lm_head.weight
+        emb[:, :digit_dim + 10] = 0
+        head[:, :digit_dim + 10] = 0
+        for dim, token in enumerate((colon, hash_token, space, newline)):
+            emb[token] = 0
+            emb[token, dim] = 1
+        for d, token in enumerate(digits):
+            emb[token] = 0
+            emb[token, 4] = emb[token, digit_dim + d] = 1
+        for token in (hash_token, space, newline, *digits):
+            head[token] = 0
+        head[hash_token, 0], head[space, 1], head[newline, 4] = hashes, bigram, bigram
+        for d, token in enumerate(digits):
+            head[token, 2] = head[token, 3] = bigram
+            head[token, digit_dim + d] = 1 + 0.05 * d  # the larger digit wins a tie
+        attention = model.model.layers[0].self_attn
+        for proj in (attention.q_proj, attention.k_proj, attention.v_proj, attention.o_proj):
+            proj.weight.zero_()
+        for d in range(10):  # value d: kv head 0 holds 0..7 (read by heads 0, 1), kv head 1 holds 8, 9 (heads 2, 3)
+            attention.v_proj.weight[d, digit_dim + d] = 1
+            attention.o_proj.weight[digit_dim + d, d if d < 8 else 16 + d - 8] = gain
+        model.model.layers[1].self_attn.o_proj.weight.zero_()
+        for layer in model.model.layers:
+            layer.mlp.down_proj.weight.zero_()
+    model.save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
+    return str(out_dir)
+
+
+def at_rank(model, k):
+    """Run the model at rank k; 0: the base model, adapter off (or a model without an adapter as it is)."""
+    if k == 0:
+        return model.disable_adapter() if hasattr(model, "disable_adapter") else contextlib.nullcontext()
+    return use_rank(model, k)
+
+
+def greedy_answer(model, tokenizer, prompt, k, max_new_tokens):
+    """(completion, smallest gap between the top two logits over the steps): plain unbatched greedy ``generate`` at
+    rank k, decoded without special tokens and cut at the gsm8k stops (lm-eval's ``split(stop)[0]``)."""
+    ids = torch.tensor([tokenizer(prompt)["input_ids"]])
+    with torch.no_grad(), at_rank(model, k):
+        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
+                             do_sample=False, pad_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id,
+                             output_scores=True, return_dict_in_generate=True)
+    top2 = torch.stack(out.scores)[:, 0].topk(2, dim=-1).values  # (steps, 2)
+    text = tokenizer.decode(out.sequences[0, ids.shape[1]:], skip_special_tokens=True)
+    for stop in GSM8K_UNTIL:
+        text = text.split(stop)[0]
+    return text, float((top2[:, 0] - top2[:, 1]).min())
+
+
+def gsm8k_numbers(completion):
+    """(strict-match, flexible-extract) of one completion: gsm8k.yaml's two regex filters, "[invalid]" for none."""
+    strict = re.findall(STRICT_MATCH, completion)
+    flexible = [next(g for g in groups if g) for groups in re.findall(FLEXIBLE_EXTRACT, completion)]
+    return (strict[0].strip() if strict else INVALID), (flexible[-1].strip() if flexible else INVALID)
+
+
+def teacher_forced(model, tokenizer, context, continuation, k):
+    """(tokens of the continuation greedy decoding picks, its tokens, smallest gap between the target's logit and the
+    best other one) by one plain forward at rank k; the continuation's tokens are split off the whole, as lm-eval's."""
+    context_ids = tokenizer(context)["input_ids"]
+    whole = tokenizer(context + continuation)["input_ids"]
+    target = torch.tensor(whole[len(context_ids):])
+    with torch.no_grad(), at_rank(model, k):
+        logits = model(input_ids=torch.tensor([whole])).logits[0, len(context_ids) - 1:-1]  # (C, V)
+    own = logits.gather(-1, target[:, None])[:, 0]
+    best_other = logits.scatter(-1, target[:, None], float("-inf")).max(-1).values
+    return int((logits.argmax(-1) == target).sum()), len(target), float((own - best_other).abs().min())
+
+
+def answers_of(completions):
+    """The number each completion answers with: strict-match's, else flexible-extract's (None: neither)."""
+    out = []
+    for text in completions:
+        strict, flexible = gsm8k_numbers(text)
+        out.append(strict if strict != INVALID else flexible if flexible != INVALID else None)
+    return out
+
+
+def gsm8k_prompt(question):
+    return f"Question: {question}\nAnswer:"  # gsm8k.yaml's doc_to_text
+
+
+def greedy_answers(model, tokenizer, questions, ranks, max_new_tokens=ANSWER_TOKENS):
+    """{rank: [completion of each question's zero-shot gsm8k prompt]} by ``greedy_answer``; every greedy choice must
+    win by ``MARGIN``."""
+    out, gaps = {}, []
+    for k in ranks:
+        answers = [greedy_answer(model, tokenizer, gsm8k_prompt(q), k, max_new_tokens) for q in questions]
+        out[k] = [text for text, _ in answers]
+        gaps += [gap for _, gap in answers]
+    assert min(gaps) > MARGIN, f"a greedy choice wins by only {min(gaps):.2g}: rounding could flip it"
+    return out
+
+
+def expected_gsm8k(model, tokenizer, rows, completions):
+    """{rank: {"completions", "exact_match_strict", "exact_match_flexible", "token_acc"}} of question/answer ``rows``
+    (zero-shot prompts, references " " + answer) from ``completions`` ({rank: [completion per row]}, from
+    ``greedy_answers``), computed without the evaluation code.
+
+    The numbers here are plain digit strings, on which gsm8k's exact_match normalisation (drop ",", "$", a final
+    ".", everything up to "#### ", lower-case) is the identity, so a match is string equality with the reference's
+    final number. Every teacher-forced choice must win (or lose) by ``MARGIN``.
+    """
+    golds = [row["answer"].split("#### ")[-1] for row in rows]
+    assert all(g.isdigit() for g in golds)
+    out, gaps = {}, []
+    for k, texts in completions.items():
+        numbers = [gsm8k_numbers(t) for t in texts]
+        assert all(n == INVALID or n.isdigit() for pair in numbers for n in pair), numbers
+        forced = [teacher_forced(model, tokenizer, gsm8k_prompt(row["question"]), " " + row["answer"], k)
+                  for row in rows]
+        gaps += [gap for _, _, gap in forced]
+        out[k] = {"completions": texts,
+                  "exact_match_strict": sum(s == g for (s, _), g in zip(numbers, golds)) / len(rows),
+                  "exact_match_flexible": sum(f == g for (_, f), g in zip(numbers, golds)) / len(rows),
+                  "token_acc": sum(hits for hits, _, _ in forced) / sum(n for _, n, _ in forced)}
+    assert min(gaps) > MARGIN, f"a teacher-forced choice is decided by only {min(gaps):.2g}: rounding could flip it"
+    return out
+
+
+def answering_task(model, tokenizer, folder, questions=QUESTIONS, answer_rank=ANSWER_RANK, ranks=ANSWERING_RANKS):
+    """A gsm8k task folder (test.jsonl) whose references are the numbers ``model`` answers with at ``answer_rank``,
+    except the last question's (its true sum, 9, which no rank writes); and its expected values at ``ranks``."""
+    completions = greedy_answers(model, tokenizer, questions, ranks)
+    numbers = answers_of(completions[answer_rank])
+    assert None not in numbers, completions[answer_rank]
+    rows = [{"question": q, "answer": f"#### {n}"} for q, n in zip(questions[:-1], numbers)]
+    rows.append({"question": questions[-1], "answer": "#### 9"})
+    os.makedirs(folder, exist_ok=True)
+    write_jsonl(os.path.join(folder, "test.jsonl"), rows)
+    return {"task": str(folder), "rows": rows, "expected": expected_gsm8k(model, tokenizer, rows, completions)}
+
+
+def check_answerable(expected, answer_rank=ANSWER_RANK):
+    """The expected values can catch a wrong metric: non-zero at ``answer_rank``, and not the same everywhere."""
+    at = expected[answer_rank]
+    assert at["exact_match_strict"] > 0 and at["exact_match_flexible"] > 0 and at["token_acc"] > 0
+    assert len(set(at["completions"])) >= 4  # the items' answers differ: item i scored against item j would show
+    assert any(e["exact_match_strict"] != e["exact_match_flexible"] for e in expected.values())
+    for metric in ("exact_match_strict", "exact_match_flexible", "token_acc"):
+        assert len({e[metric] for e in expected.values()}) > 1, metric  # some rank differs
 
 
 @pytest.fixture(scope="module")
@@ -64,6 +269,26 @@ def gsm_dir(tmp_path_factory):
     return str(d)
 
 
+
+
+def answering_setup(tokenizer_dir, d):
+    """In folder ``d``: a run (rank 8) on ``answering_base`` with a random adapter; that model in memory (eager
+    attention, as eval loads it), its tokenizer, and a gsm8k task folder whose references are its answers at
+    ANSWER_RANK, with the expected values at every rank of ANSWERING_RANKS."""
+    base_dir = answering_base(tokenizer_dir, d / "base")
+    model = random_adapter(base_dir, rank=8, seed=5, scale=0.15)
+    run = make_run(base_dir, d / "run", model=model)
+    model.get_base_model().set_attn_implementation("eager")
+    model.eval()
+    tokenizer = AutoTokenizer.from_pretrained(base_dir)
+    task = answering_task(model, tokenizer, d / "task")
+    check_answerable(task["expected"])
+    return dict(task, base_dir=base_dir, run_dir=run, model=model, tokenizer=tokenizer)
+
+
+@pytest.fixture(scope="module")
+def answering(smol_tokenizer_dir, tmp_path_factory):
+    return answering_setup(smol_tokenizer_dir, tmp_path_factory.mktemp("answering"))
 
 
 FAST = ["--max_new_tokens", "6", "--batch_size", "2", "--no_progress"]
@@ -100,6 +325,34 @@ def test_eval_cli_end_to_end(run_dir, gsm_dir, tmp_path, capsys):
     samples = read(out / "ranks" / "rank-2.json")["samples"]
     assert len(samples) == 3 and all({"completion", "strict", "flexible"} <= set(s) for s in samples)
     assert "| matryoshka (R=8) |" in capsys.readouterr().out
+
+
+def test_eval_cli_scores_answers_that_can_be_right(answering, tmp_path):
+    """At every rank (and the base model), eval's completions and exact_match_strict, exact_match_flexible and
+    token_acc are those computed here without the evaluation code, on references that are the model's own answers
+    at one rank: non-zero there, other values at other ranks, strict != flexible.
+
+    Fails if rank_metrics scores completion i against item i + 1, or swaps the strict and flexible filters; if
+    generate_at_ranks hands a rank another rank's completions; or if score_at_ranks gives a rank another rank's
+    scores (token_acc)."""
+    out = tmp_path / "eval"
+    code = cli_main(["eval", answering["run_dir"], "--task", answering["task"], "--ranks", "1,2,4,8",
+                     "--output_dir", str(out)] + FAST)
+    assert code == 0
+    expected, ranks = answering["expected"], [1, 2, 4, 8]
+    result = read(out / "eval.json")
+    assert result["kind"] == "gsm8k" and result["metric"] == "exact_match_strict"
+    metrics = {r["rank"]: r["metrics"] for r in result["per_rank"]} | {0: result["pretrained_metrics"]}
+    for k, want in expected.items():
+        assert {m: metrics[k][m] for m in ("exact_match_strict", "exact_match_flexible", "token_acc")} == \
+            {m: want[m] for m in ("exact_match_strict", "exact_match_flexible", "token_acc")}, k
+        samples = read(out / "ranks" / ("pretrained.json" if k == 0 else f"rank-{k}.json"))["samples"]
+        assert [s["completion"] for s in samples] == want["completions"], k
+        assert [(s["strict"], s["flexible"]) for s in samples] == [gsm8k_numbers(t) for t in want["completions"]]
+    values = [expected[k]["exact_match_strict"] for k in ranks]
+    assert [r["value"] for r in result["per_rank"]] == values
+    assert result["pretrained"] == expected[0]["exact_match_strict"]
+    assert result["aurac"] == pytest.approx(aurac(ranks, values))
 
 
 def test_stacked_equals_sequential(run_dir, gsm_dir, tmp_path):
@@ -271,6 +524,23 @@ def test_score_only_skips_generation_and_keeps_the_full_evaluation(run_dir, gsm_
         assert "exact_match_strict" not in b["metrics"] and "exact_match_strict" in a["metrics"]
     assert os.path.getmtime(full_json) == before  # the full evaluation is not overwritten
     assert evaluate_run(run, score_only=True, **kwargs)["per_rank"] == scored["per_rank"]  # reused, not redone
+
+
+def test_score_only_token_acc_of_answers_that_can_be_right(answering, tmp_path):
+    """score_only's token_acc at every rank (and the base model's) is the share of reference tokens that a plain
+    forward's argmax gets right, computed here: non-zero and rank-dependent, the references being the model's own
+    answers at one rank.
+
+    Fails if score_at_ranks counts greedy hits one position off, or if a score_only pass gives every rank the first
+    rank's scores."""
+    result = evaluate_run(answering["run_dir"], task=answering["task"], ranks=[1, 2, 4, 8], score_only=True,
+                          batch_size=2, output_dir=str(tmp_path / "score"), progress=False)
+    expected = answering["expected"]
+    assert result["metric"] == "token_acc"
+    assert result["pretrained"] == result["pretrained_metrics"]["token_acc"] == expected[0]["token_acc"]
+    assert [r["value"] for r in result["per_rank"]] == [expected[k]["token_acc"] for k in (1, 2, 4, 8)]
+    assert all(r["value"] == r["metrics"]["token_acc"] and "exact_match_strict" not in r["metrics"]
+               for r in result["per_rank"])
 
 
 def test_score_only_on_an_lm_eval_task_exits_2(run_dir, tmp_path, capsys):

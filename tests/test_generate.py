@@ -4,6 +4,7 @@ import torch
 from transformers import AutoTokenizer
 
 from conftest import tiny_model
+from test_evaluate import MARGIN, at_rank, teacher_forced
 from matryoshka_lora import MatryoshkaConfig, get_matryoshka_model, use_rank
 from matryoshka_lora.evaluation.generate import (PRETRAINED, encode_pair, generate_at_ranks, pad_left, rank_passes,
                                       score_at_ranks)
@@ -109,6 +110,30 @@ def test_stacked_scores_equal_sequential_and_plain_forward(model, tokenizer):
         logp = torch.log_softmax(logits[len(context) - 1:-1], -1).gather(-1, torch.tensor(target)[:, None])
         assert stacked[k][2][0] == pytest.approx(float(logp.sum()), abs=1e-4)
         assert stacked[k][2][1] == len(target)
+        assert stacked[k][2][2] == int((logits[len(context) - 1:-1].argmax(-1) == torch.tensor(target)).sum())
+
+
+def test_greedy_hits_are_the_argmax_of_a_plain_forward(model, tokenizer):
+    """score_at_ranks' third number, the greedy-hit count behind token_acc, is at every rank the number of
+    continuation tokens that the argmax of a plain, unbatched forward picks. Each continuation is the model's own
+    greedy output at one rank, so the counts are not 0 there, and they differ by rank.
+
+    Fails if _score_batch counts the argmax one position off, or (stacked) counts a row's hits on the logits of the
+    same prompt at the next rank."""
+    own_rank = [1, 2, 4, 8, 2, 1, 4]
+    pairs = []
+    for prompt, k in zip(PROMPTS, own_rank):
+        with at_rank(model, k):
+            pairs.append((prompt, _greedy_alone(model, tokenizer, prompt, 5)))
+    stacked = score_at_ranks(model, tokenizer, pairs, RANKS, batch_size=3, stacked=True, progress=False)
+    assert score_at_ranks(model, tokenizer, pairs, RANKS, batch_size=3, stacked=False, progress=False) == stacked
+    for k in RANKS:
+        expected = [teacher_forced(model, tokenizer, context, continuation, k) for context, continuation in pairs]
+        assert min(gap for _, _, gap in expected) > MARGIN  # no argmax that rounding could flip
+        assert [(n, hits) for _, n, hits in stacked[k]] == [(n, hits) for hits, n, _ in expected], k
+    for i, k in enumerate(own_rank):  # a greedy continuation, re-tokenized, is mostly the model's own choice again
+        assert stacked[k][i][2] > 0 and stacked[k][i][2] >= max(stacked[j][i][2] for j in RANKS)
+    assert len({tuple(s[2] for s in stacked[k]) for k in RANKS}) == len(RANKS)
 
 
 def test_encode_pair_moves_trailing_space(tokenizer):

@@ -4,7 +4,7 @@ import json
 import pytest
 import torch
 
-from test_evaluate import GSM_ROWS, make_run, write_jsonl
+from test_evaluate import ANSWER_TOKENS, GSM_ROWS, answering_setup, gsm8k_numbers, make_run, write_jsonl
 
 pytest.importorskip("lm_eval")
 
@@ -95,6 +95,33 @@ def tasks(tmp_path_factory):
     return {"include": str(d / "yaml"), "mc": mc, "gsm": gsm}
 
 
+@pytest.fixture(scope="module")
+def answering(smol_tokenizer_dir, tmp_path_factory):
+    """test_evaluate's answering run and gsm8k task (references: its own answers at one rank), and the task's YAML."""
+    d = tmp_path_factory.mktemp("answering")
+    setup = answering_setup(smol_tokenizer_dir, d)
+    (d / "yaml").mkdir()
+    yaml_text = GSM_YAML.format(data=str(d / "task" / "test.jsonl")).replace("task: tiny_gsm8k", "task: answers_gsm8k")
+    (d / "yaml" / "answers_gsm8k.yaml").write_text(yaml_text)
+    return dict(setup, include=str(d / "yaml"))
+
+
+def recorded_responses(monkeypatch):
+    """Patch lm_eval.simple_evaluate to keep, per call (one per rank, in the order run), each doc's raw response."""
+    import lm_eval
+
+    calls, real = [], lm_eval.simple_evaluate
+
+    def recording(*args, **kwargs):
+        out = real(*args, **kwargs)
+        (samples,) = out["samples"].values()
+        calls.append({s["doc_id"]: s["resps"] for s in samples})
+        return out
+
+    monkeypatch.setattr(lm_eval, "simple_evaluate", recording)
+    return calls
+
+
 def test_lm_eval_multiple_choice_matches_our_scoring(run_dir, tasks, tmp_path):
     ranks = [1, 8]
     theirs = evaluate_run(run_dir, task="lm-eval:tiny_mc", ranks=ranks, shots=0, include_path=tasks["include"],
@@ -120,8 +147,9 @@ def test_lm_eval_multiple_choice_matches_our_scoring(run_dir, tasks, tmp_path):
     assert len(set(seen)) == 3
 
 
-def test_lm_eval_gsm8k_filters_match_ours(run_dir, tasks, tmp_path):
+def test_lm_eval_gsm8k_filters_match_ours(run_dir, tasks, tmp_path, monkeypatch):
     """The same greedy completions through lm-eval's gsm8k filters and metric and through ours."""
+    raw = recorded_responses(monkeypatch)
     common = dict(ranks=[2, 8], max_new_tokens=8, batch_size=3, progress=False)
     theirs = evaluate_run(run_dir, task="lm-eval:tiny_gsm8k", shots=0, include_path=tasks["include"],
                           output_dir=str(tmp_path / "lm"), **common)
@@ -130,6 +158,13 @@ def test_lm_eval_gsm8k_filters_match_ours(run_dir, tasks, tmp_path):
     for a, b in zip(theirs["per_rank"], ours["per_rank"]):
         assert a["metrics"]["exact_match,strict-match"] == b["metrics"]["exact_match_strict"]
         assert a["metrics"]["exact_match,flexible-extract"] == b["metrics"]["exact_match_flexible"]
+    # lm-eval's raw responses are our completions, rank by rank (the base model first), and differ by rank
+    assert len(raw) == 3
+    for k, responses in zip([0, 2, 8], raw):
+        name = "pretrained.json" if k == 0 else f"rank-{k}.json"
+        mine = json.loads((tmp_path / "ours" / "ranks" / name).read_text())["samples"]
+        assert [responses[i] for i in range(len(mine))] == [[[s["completion"]]] for s in mine], k
+    assert len({json.dumps(r, sort_keys=True) for r in raw}) == 3
 
 
 def test_lm_eval_cli_and_unknown_task(run_dir, tasks, tmp_path, capsys):
@@ -144,3 +179,34 @@ def test_lm_eval_cli_and_unknown_task(run_dir, tasks, tmp_path, capsys):
     err = capsys.readouterr().err
     assert code == 2 and "tiny_mcq" in err and "tiny_mc" in err.split("close names:")[-1]
     assert not (tmp_path / "bad").exists()
+
+
+def test_lm_eval_gsm8k_answers_that_can_be_right_match_ours_rank_by_rank(answering, tmp_path, monkeypatch):
+    """On references that are the model's own answers at one rank, rank by rank (and for the base model):
+    lm-eval's raw responses are our completions, its strict-match / flexible-extract responses are our two
+    extractions, and its exact_match per filter is ours and the value computed in test_evaluate without either
+    (non-zero, rank-dependent, strict != flexible).
+
+    Fails if evaluate_rank runs lm-eval with the adapter at another rank than asked (e.g. use_rank(model, 1)), or if
+    rank_metrics scores completion i against item i + 1."""
+    raw = recorded_responses(monkeypatch)
+    ranks, expected = [2, 8], answering["expected"]
+    common = dict(ranks=ranks, max_new_tokens=ANSWER_TOKENS, batch_size=3, progress=False)
+    theirs = evaluate_run(answering["run_dir"], task="lm-eval:answers_gsm8k", shots=0,
+                          include_path=answering["include"], output_dir=str(tmp_path / "lm"), **common)
+    ours = evaluate_run(answering["run_dir"], task=answering["task"], output_dir=str(tmp_path / "ours"), **common)
+    assert len(raw) == 3  # one lm-eval run per rank: the base model first, then ranks 2 and 8
+    for k, responses in zip([0] + ranks, raw):
+        name = "pretrained.json" if k == 0 else f"rank-{k}.json"
+        mine = json.loads((tmp_path / "ours" / "ranks" / name).read_text())["samples"]
+        assert [s["completion"] for s in mine] == expected[k]["completions"]
+        assert [responses[i] for i in range(len(mine))] == [[[s["completion"]]] for s in mine], k  # [request][repeat]
+        lm = json.loads((tmp_path / "lm" / "ranks" / name).read_text())["samples"]
+        for filter_name, key in (("strict-match", "strict"), ("flexible-extract", "flexible")):
+            filtered = sorted((s["doc_id"], s["filtered_resps"]) for s in lm if s["filter"] == filter_name)
+            assert [r for _, r in filtered] == [[s[key]] for s in mine], (k, filter_name)
+        assert [(s["strict"], s["flexible"]) for s in mine] == [gsm8k_numbers(t) for t in expected[k]["completions"]]
+    for k, a, b in [(0, theirs["pretrained_metrics"], ours["pretrained_metrics"])] + \
+            [(r["rank"], r["metrics"], q["metrics"]) for r, q in zip(theirs["per_rank"], ours["per_rank"])]:
+        assert a["exact_match,strict-match"] == b["exact_match_strict"] == expected[k]["exact_match_strict"], k
+        assert a["exact_match,flexible-extract"] == b["exact_match_flexible"] == expected[k]["exact_match_flexible"], k
