@@ -12,6 +12,7 @@ Sources (``data``):
 Each source gives rows; ``formats.py`` makes them examples and ``features.py`` tokenizes them.
 """
 import contextlib
+import csv
 import difflib
 import json
 import os
@@ -95,7 +96,7 @@ def load_examples(data: str, split: str = "train", limit: int | None = None, tok
 @contextlib.contextmanager
 def _quiet_datasets():
     """No progress bars or log lines from ``datasets`` (errors are reported as one line by the caller)."""
-    import datasets
+    import datasets  # seconds to import: only on first use, not for --help or config checks
 
     verbosity, bars = datasets.logging.get_verbosity(), datasets.utils.is_progress_bar_enabled()
     datasets.logging.set_verbosity(datasets.logging.CRITICAL + 10)
@@ -147,9 +148,7 @@ def _file_rows(path: str, limit: int | None) -> list[tuple[str, dict]]:
 
 def _csv_as_text(path: str) -> dict:
     """CSV cells read as text ("007" stays "007", an empty cell ""), not as the numbers pandas would infer."""
-    import csv
-
-    from datasets import Features, Value
+    from datasets import Features, Value  # see _quiet_datasets
 
     with open(path, newline="", encoding="utf-8", errors="replace") as f:
         header = next(csv.reader(f), None)

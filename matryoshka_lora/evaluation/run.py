@@ -14,9 +14,10 @@ import torch
 from ..adapter_io import load_run, read_checked
 from ..config import MatryoshkaConfig
 from ..errors import AdapterFileError, UserError
-from ..selection import matryoshka_state
 from ..report import write_eval_outputs
 from ..rundir import TRAIN_CONFIG, WEIGHTS, read_train_config
+from ..selection import matryoshka_state
+from ..training.config import DATA_KEYS, TrainConfig
 from .backends import backend_for
 from .generate import PRETRAINED
 from .results import default_eval_dir, file_digest, load_done, save_record, settings_hash, summarize
@@ -76,8 +77,6 @@ def evaluate_run(run_dir: str, spec: EvalSpec | None = None, model_and_tokenizer
 def run_data_options(train_config: dict) -> dict | None:
     """The data keys of a run's config that differ from their defaults (a key the saved config lacks was added
     later: the run used its default), or None."""
-    from ..training.config import DATA_KEYS, TrainConfig
-
     defaults = TrainConfig()
     options = {k: train_config[k] for k in DATA_KEYS if k in train_config and train_config[k] != getattr(defaults, k)}
     return options or None
