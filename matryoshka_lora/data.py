@@ -139,11 +139,15 @@ def _file_rows(path: str, limit: int | None) -> list[tuple[str, dict]]:
             return [(f"{path}:{line}", row) for line, row in read_jsonl(path, limit)]
     if len(ds) == 0:
         raise UserError(f"{path} is empty: no rows to train on")
-    if limit:
-        ds = ds.select(range(min(limit, len(ds))))
+    ds = _head(ds, limit)
     if jsonl:
         return [(f"{path}:{line}", row) for line, row in zip(lines, ds)]
     return [(f"{path} row {i}", row) for i, row in enumerate(ds, 1)]
+
+
+def _head(ds, limit: int | None):
+    """The first ``limit`` rows of a ``datasets.Dataset`` (all without a limit)."""
+    return ds.select(range(min(limit, len(ds)))) if limit else ds
 
 
 def _csv_as_text(path: str) -> dict:
@@ -174,9 +178,7 @@ def _folder_rows(path: str, data: str, split: str, limit: int | None) -> list[tu
     except Exception as e:
         raise UserError(f"data folder {data} has no {split}.jsonl (nor {split}.json, .csv or .parquet; "
                         f"datasets: {first_line(e)})") from None
-    if limit:
-        ds = ds.select(range(min(limit, len(ds))))
-    return [(f"{data} ({split}) row {i}", row) for i, row in enumerate(ds, 1)]
+    return [(f"{data} ({split}) row {i}", row) for i, row in enumerate(_head(ds, limit), 1)]
 
 
 def _hub_dataset_rows(name: str, config: str | None, split: str, limit: int | None) -> list[tuple[str, dict]]:
@@ -189,9 +191,7 @@ def _hub_dataset_rows(name: str, config: str | None, split: str, limit: int | No
         raise UserError(f"cannot load {name} ({split}{config_text}) from the hub ({first_line(e)}); check the id, "
                         "--data_config and --data_split, give a local .jsonl/.json/.csv/.parquet file or folder, "
                         "or connect to the hub") from None
-    if limit:
-        ds = ds.select(range(min(limit, len(ds))))
-    return [(f"{name} ({split}) row {i}", row) for i, row in enumerate(ds, 1)]
+    return [(f"{name} ({split}) row {i}", row) for i, row in enumerate(_head(ds, limit), 1)]
 
 
 def read_jsonl(path: str, limit: int | None = None) -> list[tuple[int, dict]]:
@@ -228,12 +228,9 @@ def _hub_rows(task: str, split: str, limit: int | None):
         else:
             ds = load_dataset(PLATYPUS_HUB, split="train" if split == "train" else split)
     except Exception as e:  # datasets raises many types offline (ConnectionError, DatasetNotFoundError, ...)
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         local = "a local JSONL with question/answer" if task == "gsm8k" else "a local JSONL with instruction/input/output"
-        raise UserError(f"cannot load {task} ({split}) from the hub ({first}); give --data {local} "
+        raise UserError(f"cannot load {task} ({split}) from the hub ({first_line(e)}); give --data {local} "
                         f"(e.g. path/to/{split}.jsonl), or connect to the hub") from None
-    if limit:
-        ds = ds.select(range(min(limit, len(ds))))
-    return ds
+    return _head(ds, limit)
 
 
