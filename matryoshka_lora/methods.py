@@ -77,7 +77,6 @@ METHODS: dict[str, Method] = {m.name: m for m in (
            gate=full_rank_gate, draw=_draw_sandwich, stacked=_sandwich_objective),
 )}
 METHOD_NAMES = tuple(METHODS)
-STACKED_METHODS = tuple(name for name, m in METHODS.items() if m.stacked)
 PREFIX_METHODS = tuple(name for name, m in METHODS.items() if m.prefix)
 DEFAULT_METHOD = "dylora"
 
