@@ -1,4 +1,7 @@
 """Examples as token ids with labels on what is learnt (-100 elsewhere), and the collator that pads them."""
+import bisect
+import sys
+
 import torch
 
 
@@ -105,3 +108,88 @@ class Collator:
             labels[i, :n] = torch.tensor(f["labels"])
             attention_mask[i, :n] = 1
         return {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask}
+
+
+def pack_features(features: list[dict], max_length: int) -> tuple[list[dict], dict]:
+    """Whole examples packed into blocks of at most ``max_length`` tokens, best-fit decreasing.
+
+    Each block keeps its examples' lengths (``lengths``), from which ``PackedCollator`` restarts the position ids
+    per example, so attention never crosses an example boundary. The first token of every example is unlabelled:
+    in an unpacked row nothing predicts it, and in a block the previous example's last token must not.
+    Best-fit decreasing (longest first, into the fullest block it fits) fills blocks well and is deterministic;
+    the Trainer shuffles the blocks.
+
+    Returns:
+        (blocks, stats): blocks are {"input_ids", "labels", "lengths"}; stats has "examples", "blocks" and
+        "fill" (tokens / (blocks · max_length)).
+    """
+    order = sorted(range(len(features)), key=lambda i: (-len(features[i]["input_ids"]), i))
+    room, members = [], []  # room[b]: free tokens of block b
+    by_room: list[tuple[int, int]] = []  # sorted (room, block)
+    for i in order:
+        n = len(features[i]["input_ids"])
+        j = bisect.bisect_left(by_room, (n, -1))  # the fullest block with room for n
+        if j == len(by_room):
+            room.append(max_length)
+            members.append([])
+            b = len(room) - 1
+        else:
+            b = by_room.pop(j)[1]
+        room[b] -= n
+        members[b].append(i)
+        bisect.insort(by_room, (room[b], b))
+    blocks = [_block([features[i] for i in sorted(m)]) for m in members]
+    tokens = sum(len(f["input_ids"]) for f in features)
+    return blocks, dict(examples=len(features), blocks=len(blocks),
+                        fill=tokens / max(len(blocks) * max_length, 1))
+
+
+def _block(examples: list[dict]) -> dict:
+    ids, labels = [], []
+    for e in examples:
+        ids += e["input_ids"]
+        labels += [-100] + list(e["labels"][1:])
+    return {"input_ids": ids, "labels": labels, "lengths": [len(e["input_ids"]) for e in examples]}
+
+
+class PackedCollator:
+    """Right-pads a batch of packed blocks, with ``position_ids`` restarting at 0 for every example and no
+    ``attention_mask``: transformers then reads the example boundaries from the position ids and masks attention
+    across them (``masking_utils.find_packed_sequence_indices``). Padding is its own sequence at the end of a row,
+    unlabelled. ``token_count`` (B,) holds the real tokens per row, for the tokens/s count (popped before the
+    model sees the batch)."""
+
+    def __init__(self, pad_token_id: int):
+        self.pad_token_id = pad_token_id
+
+    def __call__(self, blocks: list[dict]) -> dict:
+        length = max(len(b["input_ids"]) for b in blocks)
+        batch = len(blocks)
+        input_ids = torch.full((batch, length), self.pad_token_id, dtype=torch.long)  # (B, T)
+        labels = torch.full((batch, length), -100, dtype=torch.long)  # (B, T)
+        position_ids = torch.zeros((batch, length), dtype=torch.long)  # (B, T)
+        for i, b in enumerate(blocks):
+            n = len(b["input_ids"])
+            input_ids[i, :n] = torch.tensor(b["input_ids"])
+            labels[i, :n] = torch.tensor(b["labels"])
+            position_ids[i] = torch.cat([torch.arange(k) for k in b["lengths"] + [length - n] if k])
+        token_count = torch.tensor([len(b["input_ids"]) for b in blocks])
+        return {"input_ids": input_ids, "labels": labels, "position_ids": position_ids, "token_count": token_count}
+
+
+PACKING_ATTENTION = ("sdpa", "eager", "flex_attention")  # masked from position ids for any batch size
+
+
+def packing_problem(model) -> str | None:
+    """Why ``model`` cannot train on packed rows, or None: its attention must take the example boundaries from
+    the position ids (transformers' ``create_causal_mask`` does, for sdpa, eager and flex attention; its flash
+    attention path does so only for a batch of one flattened row)."""
+    attn = getattr(model.config, "_attn_implementation", None) or "eager"
+    module = sys.modules.get(type(model).__module__)
+    if not hasattr(module, "create_causal_mask"):
+        return (f"packing: true needs transformers' packed-sequence masking, which {type(model).__name__} does not "
+                "use; set packing: false")
+    if attn not in PACKING_ATTENTION:
+        return (f"packing: true is not supported with attn_implementation={attn!r} (transformers masks packed "
+                f"rows for {', '.join(PACKING_ATTENTION)}); load the model with sdpa, or set packing: false")
+    return None

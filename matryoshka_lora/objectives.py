@@ -12,7 +12,7 @@ from .ranks import uniform_weights
 
 
 def multi_rank_losses(model, input_ids, labels, attention_mask=None, ranks=None, weights=None,
-                      num_items_in_batch=None):
+                      num_items_in_batch=None, position_ids=None):
     """(Σ_r λ_r ℓ_r, tensor of the |S| per-rank losses ℓ_r), each ℓ_r the causal-LM loss at rank r.
 
     Args:
@@ -25,6 +25,7 @@ def multi_rank_losses(model, input_ids, labels, attention_mask=None, ranks=None,
             ``p_normalize``).
         num_items_in_batch: the answer tokens of the whole optimizer step (as the transformers Trainer passes
             with gradient accumulation); default: those of this batch, so ℓ_r is the usual token mean.
+        position_ids: (B, T) or None; packed rows restart them per example (``features.PackedCollator``).
     """
     config = matryoshka_state(model).config
     if ranks is None:
@@ -39,9 +40,10 @@ def multi_rank_losses(model, input_ids, labels, attention_mask=None, ranks=None,
     n, B = len(ranks), input_ids.shape[0]
     ids = input_ids.repeat(n, 1)  # (n·B, T), rank-major
     mask = attention_mask.repeat(n, 1) if attention_mask is not None else None
+    positions = position_ids.repeat(n, 1) if position_ids is not None else None
     per_example = torch.tensor(ranks, device=input_ids.device).repeat_interleave(B)  # (n·B,)
     with use_rank(model, per_example):
-        logits = model(input_ids=ids, attention_mask=mask).logits  # (n·B, T, V)
+        logits = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False).logits  # (n·B, T, V)
     target = labels[:, 1:]  # (B, T-1)
     token_loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), target.repeat(n, 1).flatten(),
                                  ignore_index=-100, reduction="none").view(n, B, -1)  # (n, B, T-1)
@@ -52,6 +54,7 @@ def multi_rank_losses(model, input_ids, labels, attention_mask=None, ranks=None,
 
 
 def multi_rank_loss(model, input_ids, labels, attention_mask=None, ranks=None, weights=None,
-                    num_items_in_batch=None):
+                    num_items_in_batch=None, position_ids=None):
     """Σ_r λ_r ℓ(W0 + s_r A_r B_r) in one stacked pass; see ``multi_rank_losses``."""
-    return multi_rank_losses(model, input_ids, labels, attention_mask, ranks, weights, num_items_in_batch)[0]
+    return multi_rank_losses(model, input_ids, labels, attention_mask, ranks, weights, num_items_in_batch,
+                             position_ids)[0]

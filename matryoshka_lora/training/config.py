@@ -41,6 +41,8 @@ class TrainConfig(MatryoshkaConfig):
     max_examples: int | None = key(None, "use the first N training examples (arithmetic: generate N; "
                                    "default 2000)", "int?")
     max_length: int = key(256, "tokens per example; longer examples are truncated (and counted)", "int")
+    packing: bool = key(False, "pack whole examples into rows of max_length tokens (fewer padding tokens; "
+                        "attention and positions restart per example; sdpa, eager or flex attention)", "bool")
     # optimisation
     learning_rate: float = key(1e-3, "peak learning rate of AdamW", "float")
     lr_scheduler_type: str = key("linear", "learning-rate schedule (Trainer names: linear, cosine, constant, "
@@ -122,7 +124,7 @@ class TrainConfig(MatryoshkaConfig):
 
 
 WHAT_TO_TRAIN = ("model", "data", "data_config", "data_split", "eval_split", "data_format", "data_columns",
-                 "max_examples", "max_length")
+                 "max_examples", "max_length", "packing")
 DATA_KEYS = ("data_config", "data_split", "eval_split", "data_format", "data_columns")  # how `data` is read
 FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
 ADAPTER_FIELDS = tuple(f.name for f in dataclasses.fields(MatryoshkaConfig))

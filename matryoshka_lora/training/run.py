@@ -24,7 +24,7 @@ from transformers.training_args import ParallelMode
 
 from ..base_models import load_base_model, load_tokenizer, resolve_model
 from ..data import load_examples
-from ..features import Collator, describe_counts, tokenize_examples
+from ..features import Collator, PackedCollator, describe_counts, pack_features, packing_problem, tokenize_examples
 from ..errors import TrainingStopped, UserError
 from ..files import write_json, write_yaml
 from ..model import adapter_shapes, get_matryoshka_model
@@ -88,6 +88,8 @@ def prepare(config: TrainConfig, trainer_class: type) -> Prepared:
     set_seed(config.seed)
     model = load_base_model(model_path, config.dtype)
     model.config.use_cache = False
+    if config.packing and (problem := packing_problem(model)):
+        raise UserError(problem)
     try:
         check_memory(adapter_shapes(model, mconfig), mconfig.rank, config.use_cpu)
         with warnings.catch_warnings():  # PEFT asks a deprecated transformers property
@@ -101,7 +103,7 @@ def prepare(config: TrainConfig, trainer_class: type) -> Prepared:
     created = [d for d in (run_dir, args.output_dir) if not os.path.exists(d)]
     trainer = trainer_class(  # its main process creates checkpoints/ (removed again if the sharding is refused)
         model=model, args=args, train_dataset=features,
-        data_collator=Collator(tokenizer.pad_token_id), run_dir=run_dir, max_bad_steps=config.max_bad_steps,
+        data_collator=(PackedCollator if config.packing else Collator)(tokenizer.pad_token_id), run_dir=run_dir, max_bad_steps=config.max_bad_steps,
         rank_callback=(rank_cb := RankCallback(config.seed)), callbacks=[rank_cb, signals])
     try:
         check_sharding(trainer, config)
@@ -127,6 +129,12 @@ def _features(config: TrainConfig, tokenizer) -> tuple[list[dict], dict]:
     if not features:
         raise UserError(f"data {config.data}: no example left to train on (all {counts['examples']} dropped); "
                         f"raise max_length (now {config.max_length})")
+    if config.packing:
+        features, packed = pack_features(features, config.max_length)
+        counts = dict(counts, blocks=packed["blocks"])
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(f"packing: {packed['examples']} examples in {packed['blocks']} rows of <= {config.max_length} "
+                  f"tokens ({packed['fill']:.0%} filled)", flush=True)
     return features, counts
 
 

@@ -117,11 +117,20 @@ class MatryoshkaTrainer(Trainer):
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         """Stacked methods: the multi-rank loss in one pass; the others: the model's own loss."""
+        inputs.pop("token_count", None)  # packed batches: only for _track_num_input_tokens
         if not matryoshka_state(model).config.method_record.stacked:
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
         loss = multi_rank_loss(model, inputs["input_ids"], inputs["labels"], inputs.get("attention_mask"),
-                               num_items_in_batch=num_items_in_batch if self.model_accepts_loss_kwargs else None)
+                               num_items_in_batch=num_items_in_batch if self.model_accepts_loss_kwargs else None,
+                               position_ids=inputs.get("position_ids"))
         return (loss, None) if return_outputs else loss
+
+    def _track_num_input_tokens(self, inputs):
+        """Packed batches have no attention_mask to count real tokens by: their collator counts them."""
+        if "token_count" not in inputs or self.args.include_num_input_tokens_seen != "non_padding":
+            return super()._track_num_input_tokens(inputs)
+        count = inputs["token_count"].sum().to(self.args.device)
+        self.state.num_input_tokens_seen += int(self.accelerator.gather(count).sum().item())
 
     def training_step(self, *args, **kwargs):
         if self._last_log is None:  # first step of this session (after a resume, the restored count)
