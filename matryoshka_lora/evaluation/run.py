@@ -46,6 +46,7 @@ def evaluate_run(run_dir: str, spec: EvalSpec | None = None, model_and_tokenizer
     if not spec.task and spec.data_options is None:  # the run's data, read as it was trained on
         spec = spec.replace(data_options=run_data_options(train_config))
     spec = spec.replace(task=spec.task or train_config.get("data"), ranks=ranks,
+                        quantization=spec.quantization or train_config.get("quantization", "none"),
                         output_dir=spec.output_dir or default_eval_dir(run_dir, read_as, spec.score_only))
     if not spec.task:
         raise UserError(f"--task not given and {os.path.join(run_dir, TRAIN_CONFIG)} names no data; "
@@ -116,7 +117,7 @@ def check_run(run_dir: str, ranks) -> tuple[MatryoshkaConfig, list[int]]:
 def load_model(run_dir: str, spec: EvalSpec):
     """The run's model and tokenizer (``base_models.load_run``) on the spec's device, with its attention kernel."""
     device = spec.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    model, tokenizer, _ = load_run(run_dir, dtype=spec.dtype, device=device)
+    model, tokenizer, _ = load_run(run_dir, dtype=spec.dtype, device=device, quantization=spec.quantization)
     if spec.attn_implementation:
         try:
             model.get_base_model().set_attn_implementation(spec.attn_implementation)

@@ -23,6 +23,7 @@ class EvalSpec:
         output_dir: where results go (default ``RUN_DIR/eval``, see ``results.default_eval_dir``).
         stacked: all ranks in one pass with per-example ranks (False: one rank after another).
         dtype, device: how the model is loaded (device default: cuda if available).
+        quantization: load the base "none", "4bit" or "8bit" (bitsandbytes); None: as the run was trained.
         attn_implementation: attention kernel; "eager" keeps stacked results bitwise equal to sequential
             ones on CPU; None keeps the model's.
         fewshot_data: where exemplars come from (default: the task's train split).
@@ -52,6 +53,7 @@ class EvalSpec:
     stacked: bool = True
     dtype: str = "float32"
     device: str | None = None
+    quantization: str | None = None
     attn_implementation: str | None = "eager"
     fewshot_data: str | None = None
     fewshot_seed: int = 1234
@@ -96,6 +98,8 @@ class EvalSpec:
         }
         if read_as:  # only then, so results stored before this option existed still match
             settings["inference"] = read_as
+        if self.quantization not in (None, "none"):  # likewise
+            settings["quantization"] = self.quantization
         if self.score_only:  # likewise
             settings["score_only"] = True
         if self.data_options:  # likewise: a run on data read as 0.1 read it has none

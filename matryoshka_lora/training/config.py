@@ -8,7 +8,7 @@ import difflib
 import os
 from dataclasses import dataclass
 
-from ..base_models import DTYPES
+from ..base_models import DTYPES, quantization_problem
 from ..config import MatryoshkaConfig, key
 from ..formats import DATA_FORMATS, columns_problem
 from ..errors import UserError
@@ -58,6 +58,9 @@ class TrainConfig(MatryoshkaConfig):
     seed: int = key(0, "seed of the adapter init, data order and DyLoRA rank draws", "int")
     # precision and memory
     dtype: str = key("float32", "dtype the base model is loaded in: float32, bfloat16, float16 or auto", "str")
+    quantization: str = key("none", "load the base quantized with bitsandbytes (pip install bitsandbytes): none, "
+                            "4bit (QLoRA: NF4, double quantization, bf16 compute) or 8bit (LLM.int8); the adapter "
+                            "stays full precision and exports for the unquantized base", "str")
     bf16: bool = key(False, "bf16 mixed precision (GPU)", "bool")
     fp16: bool = key(False, "fp16 mixed precision (GPU)", "bool")
     gradient_checkpointing: bool = key(False, "recompute activations to save memory (non-reentrant)", "bool")
@@ -152,6 +155,11 @@ def run_problems(c: TrainConfig) -> list[str]:
             for k in ("warmup_steps", "weight_decay", "max_grad_norm", "dataloader_num_workers") if getattr(c, k) < 0]
     if c.dtype not in DTYPES:
         out.append(f"dtype={c.dtype!r} is not valid; choose one of {', '.join(DTYPES)}")
+    if problem := quantization_problem(c.quantization):
+        out.append(problem)
+    elif c.quantization != "none" and (c.fsdp or c.deepspeed is not None):
+        out.append(f"quantization={c.quantization} with {'fsdp' if c.fsdp else 'deepspeed'} is not supported; "
+                   "train the quantized model with DDP (torchrun), or set quantization: none")
     for a, b in (("bf16", "fp16"), ("overwrite", "resume")):
         if getattr(c, a) and getattr(c, b):
             out.append(f"{a} and {b} are both set; choose one")

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 import accelerate
 import torch
+from peft import prepare_model_for_kbit_training
 from transformers import TrainingArguments, set_seed
 from transformers.integrations import get_available_reporting_integrations
 from transformers.integrations.integration_utils import INTEGRATION_TO_CALLBACK
@@ -86,8 +87,10 @@ def prepare(config: TrainConfig, trainer_class: type) -> Prepared:
     tokenizer = load_tokenizer(model_path)
     features, counts = _features(config, tokenizer)
     set_seed(config.seed)
-    model = load_base_model(model_path, config.dtype)
+    model = load_base_model(model_path, config.dtype, quantization=config.quantization)
     model.config.use_cache = False
+    if config.quantization != "none":  # PEFT's k-bit preparation (norms and embeddings in fp32, input grads)
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     if config.packing and (problem := packing_problem(model)):
         raise UserError(problem)
     try:
