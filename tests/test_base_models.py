@@ -92,3 +92,16 @@ def test_embedded_smollm2_dequantizes_to_a_plain_model():
     assert not getattr(model, "is_quantized", False) and getattr(model, "hf_quantizer", None) is None
     assert model.dtype == torch.float32 and model.config.num_hidden_layers == 30
     assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()  # tied, as SmolLM2
+
+
+@pytest.mark.integration
+def test_embedded_smollm2_in_bfloat16_is_the_float32_model_rounded_at_half_the_size():
+    """`--dtype bfloat16` on a GGUF base: its own cache folder, half the bytes, the same weights rounded to bf16."""
+    full, half = resolve_model("smollm2", "float32"), resolve_model("smollm2", "bfloat16")
+    assert full != half
+    size = {p: os.path.getsize(os.path.join(p, "model.safetensors")) for p in (full, half)}
+    assert 0.45 < size[half] / size[full] < 0.55
+    a, b = load_base_model("smollm2", "float32"), load_base_model("smollm2", "bfloat16")
+    assert b.dtype == torch.bfloat16
+    for (name, p), q in zip(a.state_dict().items(), b.state_dict().values()):
+        assert q.dtype == torch.bfloat16 and torch.equal(p.to(torch.bfloat16), q), name
