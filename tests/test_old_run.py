@@ -133,6 +133,7 @@ def test_old_config_retrains_to_the_old_adapter(old_run):
     with open("run/train_config.yaml") as f, open("again/train_config.yaml") as g:
         before, after = yaml.safe_load(f), yaml.safe_load(g)
     assert [k for k in after if k in before] == list(before)  # the same keys, in the same order
-    from matryoshka_lora.training.config import DATA_KEYS, TrainConfig  # and the data keys added since, as before
+    from matryoshka_lora.training.config import DATA_KEYS, TrainConfig  # and the keys added since, at their defaults
 
-    assert {k: after[k] for k in after if k not in before} == {k: getattr(TrainConfig(), k) for k in DATA_KEYS}
+    added = DATA_KEYS + ("packing", "quantization")
+    assert {k: after[k] for k in after if k not in before} == {k: getattr(TrainConfig(), k) for k in added}
