@@ -11,7 +11,8 @@ _WHERE = {
     "MatryoshkaConfig": "config", "get_matryoshka_model": "model", "set_rank": "selection", "use_rank": "selection",
     "sample_rank": "selection", "set_fused": "selection", "step_objective": "selection",
     "load_matryoshka_model": "adapter_io", "export_rank": "adapter_io", "export_all_ranks": "adapter_io",
-    "svd_adapter": "svd", "multi_rank_loss": "objectives", "multi_rank_losses": "objectives",
+    "svd_adapter": "svd", "export_profile": "profiles", "profile_ranks": "profiles", "allocate": "allocate",
+    "allocate_run": "allocate_run", "multi_rank_loss": "objectives", "multi_rank_losses": "objectives",
     "p_vector": "ranks", "default_train_ranks": "ranks", "aurac": "ranks", "log_aurac": "ranks",
     "AdapterFileError": "errors", "METHODS": "methods",
 }

@@ -1,9 +1,9 @@
 """Which rank a nested adapter runs at: the per-model state, and the gate each choice writes into every layer.
 
 A *gate* g (R,) sits between ``lora_A`` and ``lora_B``: ``y = W0 x + B (g ⊙ A x)`` (see model.py). ``set_rank``
-and ``use_rank`` choose inference ranks (one for the model, one per layer, or one per example); ``sample_rank``
-draws a training step's rank(s) as the method says (``methods.py``); with no rank set, the method's training gate
-is used.
+and ``use_rank`` choose inference ranks (one for the model, one per layer with 0 turning a layer's adapter
+off, or one per example); ``sample_rank`` draws a training step's rank(s) as the method says (``methods.py``);
+with no rank set, the method's training gate is used.
 """
 import contextlib
 import re
@@ -51,11 +51,14 @@ def set_rank(model, k) -> None:
         model: a model from ``get_matryoshka_model`` or ``load_matryoshka_model``.
         k: ``None`` (training behaviour), an int in 1..R (the whole model at rank k:
             ``y = W0x + s_k·B[:, :k]A[:k]x``), a dict ``{module-name regex: rank}`` (``re.search`` on names
-            such as ``model.layers.0.self_attn.q_proj``; first match wins, unmatched modules stay at R), or a 1-D
-            integer tensor with one rank per example of the next batches.
+            such as ``model.layers.0.self_attn.q_proj``; first match wins, unmatched modules stay at R; a rank
+            in 0..R, where 0 turns that module's adapter off: ``y = W0x``; ``profiles.profile_ranks`` turns
+            exact names into such a dict), or a 1-D integer tensor with one rank in 1..R per example of the
+            next batches.
 
     Raises:
-        ValueError: a rank outside 1..R, a regex that matches no layer, or the model is merged.
+        ValueError: a rank outside 1..R (0..R in a per-layer dict), a regex that matches no layer, or the model
+            is merged.
     """
     state = matryoshka_state(model)
     if any(getattr(layer, "merged", False) for layer in state.layers.values()):
@@ -132,7 +135,7 @@ def step_objective(model) -> tuple[list[int], list[float]]:
 
 
 def _layer_ranks(state: MatryoshkaState, ranks: dict) -> dict[str, int]:
-    """{layer name: rank} for a {regex: rank} dict; first match wins, unmatched layers stay at R."""
+    """{layer name: rank in 0..R} for a {regex: rank} dict; first match wins, unmatched layers stay at R."""
     R = state.config.rank
     patterns = []
     for pattern, k in ranks.items():
@@ -140,7 +143,7 @@ def _layer_ranks(state: MatryoshkaState, ranks: dict) -> dict[str, int]:
             patterns.append((re.compile(pattern), k))
         except (re.error, TypeError) as e:
             raise InvalidInput(f"per-layer rank key {pattern!r} is not a valid regex: {e}") from None
-        check_inference_rank(R, k)
+        check_layer_rank(R, k, f"layers matching {pattern!r}")
     out, used = {}, set()
     for name in state.layers:
         for regex, k in patterns:
@@ -167,12 +170,24 @@ def apply_gates(state: MatryoshkaState) -> None:
         gates = dict.fromkeys(state.layers, inference_gate(c, k))
     elif isinstance(k, dict):
         by_rank = {}
-        gates = {name: by_rank.setdefault(r, inference_gate(c, r)) for name, r in _layer_ranks(state, k).items()}
+        gates = {name: by_rank.setdefault(r, _layer_gate(c, r)) for name, r in _layer_ranks(state, k).items()}
     else:
         gates = dict.fromkeys(state.layers, _batch_inference_gate(c, k))
     for name, layer in state.layers.items():
         lora_B = layer.lora_B[state.adapter_name]
         setattr(lora_B, GATE, (gates[name] / c.scale_max).to(lora_B.weight.device))
+
+
+def check_layer_rank(rank: int, k, where: str) -> None:
+    """A rank for some layers: 0 (their adapter off) or an inference rank 1..R; ``where`` names the layers."""
+    if isinstance(k, bool) or not isinstance(k, int) or not 0 <= k <= rank:
+        raise InvalidInput(f"inference rank {k!r} for {where} is not valid; choose an integer in 0..{rank} "
+                           "(0 turns the adapter off there)")
+
+
+def _layer_gate(config: MatryoshkaConfig, k: int) -> torch.Tensor:
+    """The gate of one layer at rank k in 0..R: all zeros at 0 (the layer's adapter off), else rank k's."""
+    return inference_gate(config, k) if k else torch.zeros(config.rank)
 
 
 def _batch_inference_gate(config: MatryoshkaConfig, ks: torch.Tensor) -> torch.Tensor:

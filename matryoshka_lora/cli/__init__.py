@@ -18,10 +18,11 @@ COMMANDS = {
     "demo": ("matryoshka_lora.cli.demo", "the offline demo on the embedded SmolLM2-135M-Instruct"),
     "export": ("matryoshka_lora.cli.export", "write ranks of a run as standard PEFT adapters (or merged models)"),
     "svd": ("matryoshka_lora.cli.svd", "give a plain LoRA adapter (a run or any PEFT adapter) nested ranks by SVD"),
+    "allocate": ("matryoshka_lora.cli.allocate", "choose a rank per layer under a parameter budget (profiles)"),
 }
 
 USAGE = "usage: matryoshka-lora COMMAND [options]   (matryoshka-lora COMMAND --help for its options)\n\ncommands:\n" + \
-    "\n".join(f"  {name:<9}{about}" for name, (_, about) in COMMANDS.items())
+    "\n".join(f"  {name:<10}{about}" for name, (_, about) in COMMANDS.items())
 
 
 def main(argv=None) -> int:
