@@ -14,13 +14,16 @@ switches the module's adapter off):
      cheaper, much rougher: dropping a slice is not a small change, and the refinement has more to fix.
 2. **Allocate** under the budget with the additive model Σ_m ΔL_m(k_m): every module starts at 0, and the
    upgrade with the best estimated loss decrease per parameter that still fits is taken, along each module's lower
-   convex hull of (parameters, ΔL) (the greedy of the multiple-choice knapsack).
+   convex hull of (parameters, ΔL) (the greedy of the multiple-choice knapsack). If a uniform train rank that fits
+   the budget (on every module, or only on the modules whose removal changes the loss at all) has a lower measured
+   loss, the search starts from it instead, so a profile is never worse on the calibration set than the best
+   uniform rank of at most its size.
 3. **Refine** with measured loss (``refine`` rounds): the additive model ignores interactions, so each round
    measures ``candidates`` moves (a module one grid step up or down, or a swap of one step down and another one
    step up, within the budget), ranked by the estimate, and keeps the best if it lowers the measured loss.
 
 Cost in forward passes over the calibration set: 1 forward + 1 backward (``taylor``) or 1 + M·(|grid| − 1)
-forwards (``drop``), then 1 + refine·candidates forwards per budget, stacked ``batch_rows`` rows at a time. Everything is
+forwards (``drop``), up to 2|S| for the uniform starts, then 1 + refine·candidates forwards per budget, stacked ``batch_rows`` rows at a time. Everything is
 deterministic given the calibration set (which the seed draws).
 """
 import dataclasses
@@ -123,6 +126,17 @@ def swap_candidates(profile, scores, costs, ranks, budget, n: int) -> list[dict[
     return [dict(profile, **change) for _, change in moves[:n]]
 
 
+def uniform_starts(scores: dict[str, dict[int, float]], ranks) -> list[dict[str, int]]:
+    """Uniform rank k on every module, and on the modules whose removal changes the loss at all (an adapter that is
+    zero, or switched off, does not) with the rest at 0, for each train rank k: where modules were trained together
+    at equal ranks, such profiles can beat any additive estimate."""
+    useful = [m for m in scores if scores[m].get(0, 0.0) != 0.0]
+    out = [dict.fromkeys(scores, k) for k in ranks]
+    if 0 < len(useful) < len(scores):
+        out += [{m: (k if m in useful else 0) for m in scores} for k in ranks]
+    return out
+
+
 def _params(profile: dict[str, int], costs: dict[str, int]) -> int:
     return sum(k * costs[m] for m, k in profile.items())
 
@@ -157,10 +171,15 @@ def allocate(model, batches: list[dict], budgets: list[int], grid: str = "train"
     else:
         scores = drop_scores(model, batches, ranks, batch_rows)
         passes = 1 + sum(len(ranks) - 1 for _ in costs)
+    starts = uniform_starts(scores, matryoshka_state(model).config.train_ranks)
+    start_losses = measure(model, batches, starts, batch_rows).tolist()
     out = []
     for budget in budgets:
         profile = greedy_profile(scores, costs, budget)
-        loss, n = float(measure(model, batches, [profile], batch_rows)[0]), passes + 1
+        loss, n = float(measure(model, batches, [profile], batch_rows)[0]), passes + len(starts) + 1
+        fitting = [(l, u) for l, u in zip(start_losses, starts) if _params(u, costs) <= budget]
+        if fitting and min(fitting, key=lambda x: x[0])[0] < loss:  # never start worse than a uniform rank
+            loss, profile = min(fitting, key=lambda x: x[0])
         for _ in range(refine):
             tried = swap_candidates(profile, scores, costs, ranks, budget, candidates)
             if not tried:

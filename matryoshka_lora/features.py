@@ -98,16 +98,22 @@ class Collator:
         length = max(len(f["input_ids"]) for f in features)
         if self.multiple:
             length = -(-length // self.multiple) * self.multiple
-        batch = len(features)
-        input_ids = torch.full((batch, length), self.pad_token_id, dtype=torch.long)  # (B, T)
-        labels = torch.full((batch, length), -100, dtype=torch.long)  # (B, T)
-        attention_mask = torch.zeros((batch, length), dtype=torch.long)  # (B, T)
+        input_ids, labels = right_padded(features, length, self.pad_token_id)
+        attention_mask = torch.zeros_like(input_ids)  # (B, T)
         for i, f in enumerate(features):
-            n = len(f["input_ids"])
-            input_ids[i, :n] = torch.tensor(f["input_ids"])
-            labels[i, :n] = torch.tensor(f["labels"])
-            attention_mask[i, :n] = 1
+            attention_mask[i, :len(f["input_ids"])] = 1
         return {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask}
+
+
+def right_padded(rows: list[dict], length: int, pad_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(input_ids, labels), each (B, T=length): the rows' tokens, then the pad token (labels -100)."""
+    input_ids = torch.full((len(rows), length), pad_token_id, dtype=torch.long)  # (B, T)
+    labels = torch.full((len(rows), length), -100, dtype=torch.long)  # (B, T)
+    for i, r in enumerate(rows):
+        n = len(r["input_ids"])
+        input_ids[i, :n] = torch.tensor(r["input_ids"])
+        labels[i, :n] = torch.tensor(r["labels"])
+    return input_ids, labels
 
 
 def pack_features(features: list[dict], max_length: int) -> tuple[list[dict], dict]:
@@ -164,15 +170,11 @@ class PackedCollator:
 
     def __call__(self, blocks: list[dict]) -> dict:
         length = max(len(b["input_ids"]) for b in blocks)
-        batch = len(blocks)
-        input_ids = torch.full((batch, length), self.pad_token_id, dtype=torch.long)  # (B, T)
-        labels = torch.full((batch, length), -100, dtype=torch.long)  # (B, T)
-        position_ids = torch.zeros((batch, length), dtype=torch.long)  # (B, T)
+        input_ids, labels = right_padded(blocks, length, self.pad_token_id)
+        position_ids = torch.zeros_like(input_ids)  # (B, T)
         for i, b in enumerate(blocks):
-            n = len(b["input_ids"])
-            input_ids[i, :n] = torch.tensor(b["input_ids"])
-            labels[i, :n] = torch.tensor(b["labels"])
-            position_ids[i] = torch.cat([torch.arange(k) for k in b["lengths"] + [length - n] if k])
+            rest = length - len(b["input_ids"])
+            position_ids[i] = torch.cat([torch.arange(k) for k in b["lengths"] + [rest] if k])
         token_count = torch.tensor([len(b["input_ids"]) for b in blocks])
         return {"input_ids": input_ids, "labels": labels, "position_ids": position_ids, "token_count": token_count}
 

@@ -7,6 +7,7 @@ import contextlib
 
 import torch
 import torch.nn.functional as F
+from tqdm.auto import tqdm
 
 from .fused import GATE
 from .selection import apply_gates, inference_gate, matryoshka_state, set_fused
@@ -77,14 +78,19 @@ def answer_scores(model, batches: list[dict], profiles: list[dict[str, int]],
     ``batch_rows`` rows a pass."""
     tokens = sum(int((b["labels"][:, 1:] != -100).sum()) for b in batches)
     loss, correct = torch.zeros(len(profiles)), torch.zeros(len(profiles))
-    with torch.no_grad():
-        for b in batches:
-            per_pass = max(1, batch_rows // b["input_ids"].shape[0])
-            for i in range(0, len(profiles), per_pass):
-                with stacked_profiles(model, profiles[i:i + per_pass], b["input_ids"].shape[0]):
-                    l, c = _summed(model, b, len(profiles[i:i + per_pass]))
-                loss[i:i + per_pass] += l.cpu()
-                correct[i:i + per_pass] += c.cpu()
+    passes = []  # (batch, first profile, profiles in the pass)
+    for b in batches:
+        per_pass = max(1, batch_rows // b["input_ids"].shape[0])
+        passes += [(b, i, min(per_pass, len(profiles) - i)) for i in range(0, len(profiles), per_pass)]
+    bar = tqdm(total=len(passes), desc=f"{len(profiles)} profiles", unit="pass", leave=False,
+               disable=len(passes) < 8 or None)  # None: only on a terminal
+    with torch.no_grad(), bar:
+        for b, i, n in passes:
+            with stacked_profiles(model, profiles[i:i + n], b["input_ids"].shape[0]):
+                l, c = _summed(model, b, n)
+            loss[i:i + n] += l.cpu()
+            correct[i:i + n] += c.cpu()
+            bar.update()
     return loss / max(tokens, 1), correct / max(tokens, 1)
 
 

@@ -176,3 +176,21 @@ def test_bad_budget_is_one_line_and_writes_nothing(tiny_run, budget, message, ca
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
     assert not os.path.exists(out)
+
+
+def test_a_profile_is_never_worse_on_calibration_than_a_uniform_rank_that_fits(one_thread):
+    """With no refinement and a useless score (all zero), the search starts from the best uniform rank that fits."""
+    model, _, batches = planted(seed=2)
+    costs = module_costs(model)
+    budget = 4 * sum(costs.values())  # uniform rank 4 fits exactly
+    from matryoshka_lora import allocate as alloc
+
+    flat = {m: dict.fromkeys([0, 1, 2, 4, 8], 0.0) for m in costs}
+    original = alloc.drop_scores
+    alloc.drop_scores = lambda *a, **k: flat
+    try:
+        (result,) = allocate(model, batches, [budget], refine=0)
+    finally:
+        alloc.drop_scores = original
+    uniform = measure(model, batches, [dict.fromkeys(costs, k) for k in (1, 2, 4)], 32).tolist()
+    assert result.params <= budget and result.loss <= min(uniform) + 1e-6
