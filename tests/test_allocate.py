@@ -148,7 +148,8 @@ def tiny_run(tiny_llama_dir, tmp_path_factory):
 
 
 def test_allocate_command_writes_profiles_that_stock_peft_loads(tiny_run, tiny_llama_dir, capsys, one_thread):
-    assert cli.main(["allocate", tiny_run, "--budgets", "0.25,0.5", "--limit", "8", "--refine", "1"]) == 0
+    assert cli.main(["allocate", tiny_run, "--budgets", "0.25,0.5", "--limit", "8", "--refine", "1",
+                     "--eval_limit", "8"]) == 0
     printed = capsys.readouterr().out
     assert "profile, budget 0.25" in printed and "uniform rank 8" in printed
     summary = json.load(open(os.path.join(tiny_run, "profiles", "profiles.json")))
