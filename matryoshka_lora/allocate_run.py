@@ -75,9 +75,8 @@ def calibration_batches(run_dir: str, tokenizer, data: str | None, split: str | 
                         batch_size: int) -> tuple[list[dict], str]:
     """Batches of ``limit`` examples held out from training (default: the run's data and split, the examples after
     the ``max_examples`` it trained on, ``limit`` of the next 4·limit drawn with ``seed``); and a description."""
-    config = read_train_config(run_dir)
-    defaults = TrainConfig()
-    options = {k: config.get(k, getattr(defaults, k)) for k in ("data_format", "data_columns", "data_config")}
+    config, defaults = read_train_config(run_dir), TrainConfig()
+    options = _read_as_trained(config)
     own = data is None
     data = data or config.get("data") or defaults.data
     split = split or config.get("data_split", defaults.data_split)
@@ -87,13 +86,23 @@ def calibration_batches(run_dir: str, tokenizer, data: str | None, split: str | 
     held_out = pool[skip:] or pool  # a run that trained on all of its split: calibrate on it, and say so
     note = "" if len(pool) > skip else " (the run trained on all of it: not held out)"
     order = torch.randperm(len(held_out), generator=torch.Generator().manual_seed(seed))[:limit].tolist()
-    features, _ = tokenize_examples([held_out[i] for i in sorted(order)], tokenizer,
-                                    config.get("max_length", defaults.max_length))
-    if not features:
+    batches, n = _batches([held_out[i] for i in sorted(order)], tokenizer, config, batch_size)
+    if not batches:
         raise UserError(f"calibration data {data} ({split}) has no example with an answer token left")
+    return batches, f"{n} examples of {data} ({split}, after the first {skip}){note}"
+
+
+def _read_as_trained(config: dict) -> dict:
+    """``load_examples`` options that read data as the run read it (a key a 0.1 run lacks: its default)."""
+    defaults = TrainConfig()
+    return {k: config.get(k, getattr(defaults, k)) for k in ("data_format", "data_columns", "data_config")}
+
+
+def _batches(examples: list[dict], tokenizer, config: dict, batch_size: int) -> tuple[list[dict], int]:
+    """(padded batches, examples kept) of ``examples`` tokenized at the run's ``max_length``."""
+    features, _ = tokenize_examples(examples, tokenizer, config.get("max_length", TrainConfig().max_length))
     collate = Collator(tokenizer.pad_token_id)
-    batches = [collate(features[i:i + batch_size]) for i in range(0, len(features), batch_size)]
-    return batches, f"{len(features)} examples of {data} ({split}, after the first {skip}){note}"
+    return [collate(features[i:i + batch_size]) for i in range(0, len(features), batch_size)], len(features)
 
 
 def allocate_run(run_dir: str, budgets: list[str], data: str | None = None, split: str | None = None,
@@ -145,22 +154,19 @@ def allocate_run(run_dir: str, budgets: list[str], data: str | None = None, spli
 
 def _evaluate(model, tokenizer, run_dir, summary, profiles, limit, batch_size, batch_rows, device) -> None:
     """Answer-token accuracy and loss of every uniform rank and profile (and the base) on the run's eval split."""
-    config = read_train_config(run_dir)
-    defaults = TrainConfig()
-    options = {k: config.get(k, getattr(defaults, k)) for k in ("data_format", "data_columns", "data_config")}
+    config, defaults = read_train_config(run_dir), TrainConfig()
     data, split = config.get("data") or defaults.data, config.get("eval_split", defaults.eval_split)
-    examples = load_examples(data, split, limit, tokenizer, seed=config.get("seed", 0), turns="last", **options)
-    features, _ = tokenize_examples(examples, tokenizer, config.get("max_length", defaults.max_length))
-    collate = Collator(tokenizer.pad_token_id)
-    batches = [{k: v.to(device) for k, v in collate(features[i:i + batch_size]).items()}
-               for i in range(0, len(features), batch_size)]
+    examples = load_examples(data, split, limit, tokenizer, seed=config.get("seed", 0), turns="last",
+                             **_read_as_trained(config))
+    batches, n = _batches(examples, tokenizer, config, batch_size)
+    batches = [{k: v.to(device) for k, v in b.items()} for b in batches]
     off = dict.fromkeys(profiles[0], 0)
     losses, accs = answer_scores(model, batches, profiles + [off], batch_rows)
     scored = [{"loss": float(l), "token_acc": float(a)} for l, a in zip(losses, accs)]
     for entry, result in zip(summary["uniform"] + summary["profiles"], scored):
         entry["eval"] = result
     summary["base"] = scored[-1]
-    summary["eval_data"] = f"{data} ({split}), first {len(features)} examples"
+    summary["eval_data"] = f"{data} ({split}), first {n} examples"
 
 
 def _uniform(model, batches, batch_rows: int) -> list[dict]:

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from .fused import GATE
-from .selection import apply_gates, inference_gate, matryoshka_state, set_fused
+from .selection import apply_gates, layer_gate, matryoshka_state, set_fused
 
 
 def module_costs(model) -> dict[str, int]:
@@ -24,8 +24,7 @@ def full_params(model) -> int:
 
 def _gate(config, k: int) -> torch.Tensor:
     """The stored gate of rank k (divided by s_R, which PEFT multiplies back); rank 0: the adapter off."""
-    gate = torch.zeros(config.rank) if k == 0 else inference_gate(config, k)
-    return gate / config.scale_max
+    return layer_gate(config, k) / config.scale_max
 
 
 @contextlib.contextmanager

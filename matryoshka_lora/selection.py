@@ -170,7 +170,7 @@ def apply_gates(state: MatryoshkaState) -> None:
         gates = dict.fromkeys(state.layers, inference_gate(c, k))
     elif isinstance(k, dict):
         by_rank = {}
-        gates = {name: by_rank.setdefault(r, _layer_gate(c, r)) for name, r in _layer_ranks(state, k).items()}
+        gates = {name: by_rank.setdefault(r, layer_gate(c, r)) for name, r in _layer_ranks(state, k).items()}
     else:
         gates = dict.fromkeys(state.layers, _batch_inference_gate(c, k))
     for name, layer in state.layers.items():
@@ -185,7 +185,7 @@ def check_layer_rank(rank: int, k, where: str) -> None:
                            "(0 turns the adapter off there)")
 
 
-def _layer_gate(config: MatryoshkaConfig, k: int) -> torch.Tensor:
+def layer_gate(config: MatryoshkaConfig, k: int) -> torch.Tensor:
     """The gate of one layer at rank k in 0..R: all zeros at 0 (the layer's adapter off), else rank k's."""
     return inference_gate(config, k) if k else torch.zeros(config.rank)
 

@@ -1,6 +1,6 @@
 """Per-layer rank profiles: rank 0 per layer in ``use_rank``, and ``export_profile`` through stock PEFT.
 
-Deliberate breaks these tests catch (each tried once): rank 0 gated like rank R in ``selection._layer_gate``
+Deliberate breaks these tests catch (each tried once): rank 0 gated like rank R in ``selection.layer_gate``
 (the rank-0 and export tests); per-layer ranks still checked as 1..R (the same, and the refusal table);
 whole-model ints routed through the per-layer check and gate, so rank 0 runs the base model (the refusal
 table); the gate not folded into B (the sqrt and prefix export rows); ``alpha_pattern`` left out, so PEFT
