@@ -52,8 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default=DEFAULT.dtype, choices=("float32", "bfloat16", "float16"),
                    help="model dtype (default: %(default)s)")
     p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
-    p.add_argument("--quantization", default=None, choices=QUANTIZATIONS,
-                   help="load the base quantized with bitsandbytes (default: as the run was trained)")
+    p.add_argument("--quantization", choices=QUANTIZATIONS, help="load the base quantized (bitsandbytes; default: as trained)")
     p.add_argument("--attn_implementation", default=DEFAULT.attn_implementation,
                    help="attention kernel: eager (default; stacked results are bitwise those of --sequential on "
                         "CPU), sdpa, or model for the model's own")
