@@ -21,7 +21,7 @@ from .data import load_examples
 from .errors import InvalidInput, UserError
 from .features import Collator, tokenize_examples
 from .files import atomic_dir, write_json, write_text
-from .profiles import export_profile
+from .profiles import A_KEY, B_KEY, KEY_PREFIX, adapted_modules, export_profile
 from .report import plot_profiles
 from .rundir import read_train_config
 from .selection import matryoshka_state
@@ -55,11 +55,9 @@ def checked_budgets(run_dir: str, budgets: list[str], grid: str) -> list[int]:
         UserError: a budget that is not a share or count, or that no profile can use.
     """
     config, _, weights = read_adapter(run_dir)
-    costs = {}
-    for key, t in weights.items():  # lora_A (R, in), lora_B (out, R): one rank holds in + out parameters
-        if ".lora_A." in key or ".lora_B." in key:
-            module = re.sub(r"\.lora_[AB]\..*$", "", key)
-            costs[module] = costs.get(module, 0) + (t.shape[1] if ".lora_A." in key else t.shape[0])
+    # lora_A (R, in), lora_B (out, R): one rank of a module holds in + out parameters
+    costs = {m: weights[KEY_PREFIX + m + A_KEY].shape[1] + weights[KEY_PREFIX + m + B_KEY].shape[0]
+             for m in adapted_modules(weights)}
     full = config.rank * sum(costs.values())
     try:
         ranks = grid_ranks(config, grid)
