@@ -8,7 +8,8 @@ accuracy against parameters, and at each budget the share of the gap between the
 parameters and the full adapter that the profile recovers (the issue's goal: >= 0.5 at 25 %).
 
     python benchmarks/study_allocate.py --output_dir runs/study-allocate --seeds 0,1
-    python benchmarks/study_allocate.py --config my.yaml --data ../shared/data/gsm8k --seeds 0,1 --budgets 0.25
+    python benchmarks/study_allocate.py --config configs/smollm2-gsm8k.yaml --data ../shared/data/gsm8k \
+        --output_dir runs/study-allocate-gsm8k --method matryoshka --learning_rate 9e-3 --seeds 0,1 --scores taylor
 """
 import argparse
 import json
@@ -25,14 +26,15 @@ from matryoshka_lora.training.run import train
 
 
 def trained(args, seed: int) -> str:
-    out = os.path.join(args.output_dir, f"run-seed{seed}")
+    out = os.path.join(args.output_dir, f"run-{args.method}-seed{seed}" if args.method else f"run-seed{seed}")
     if os.path.isfile(os.path.join(out, COMPLETE)):
         return out
     overrides = {"seed": seed, "output_dir": out, "overwrite": True}
     if args.data:
         overrides["data"] = args.data
-    if args.max_steps:
-        overrides["max_steps"] = args.max_steps
+    for key in ("max_steps", "method", "learning_rate"):
+        if getattr(args, key):
+            overrides[key] = getattr(args, key)
     train(build_config(read_yaml(args.config), overrides, args.config))
     return out
 
@@ -52,6 +54,8 @@ def main():
     p.add_argument("--config", default="configs/smollm2-arithmetic.yaml")
     p.add_argument("--data", default=None, help="override the config's data")
     p.add_argument("--max_steps", type=int, default=None, help="override the config's max_steps")
+    p.add_argument("--method", default=None, help="override the config's method (runs are then named run-METHOD-seedN)")
+    p.add_argument("--learning_rate", type=float, default=None, help="override the config's learning_rate")
     p.add_argument("--output_dir", default="runs/study-allocate")
     p.add_argument("--seeds", default="0,1")
     p.add_argument("--budgets", default="0.25,0.5")
@@ -65,14 +69,15 @@ def main():
     for seed in map(int, args.seeds.split(",")):
         run = trained(args, seed)
         for score in args.scores.split(","):
-            out = os.path.join(args.output_dir, f"profiles-seed{seed}-{score}")
+            tag = f"{args.method}-" if args.method else ""
+            out = os.path.join(args.output_dir, f"profiles-{tag}seed{seed}-{score}")
             summary_file = os.path.join(out, "profiles.json")
             if not os.path.isfile(summary_file):
                 allocate_run(run, budgets, limit=args.limit, score=score, refine=args.refine, seed=seed,
                              eval_limit=args.eval_limit, output_dir=out)
             results[(seed, score)] = json.load(open(summary_file))
     print(f"\n{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}; {args.config}"
-          f"{' data ' + args.data if args.data else ''}; calibration {args.limit} held-out examples; "
+          f"{' data ' + args.data if args.data else ''}{' method ' + args.method if args.method else ''}; calibration {args.limit} held-out examples; "
           f"eval: {next(iter(results.values()))['eval_data']}")
     print("| seed | score | budget | uniform acc at that size | profile acc | full (R) acc | gap recovered | "
           "forward passes |")

@@ -1,5 +1,6 @@
 """Files and folders written whole or not at all: beside the target, then renamed over it."""
 import contextlib
+import hashlib
 import json
 import os
 import shutil
@@ -19,6 +20,14 @@ def write_text(path: str, text: str) -> None:
     with open(tmp, "w") as f:
         f.write(text)
     os.replace(tmp, path)
+
+
+def file_digest(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
 
 
 def write_json(path: str, obj, indent: int = 2) -> None:

@@ -35,6 +35,14 @@ RESUME_FREE = {"output_dir", "resume", "overwrite", "save_steps", "save_total_li
                "dataloader_num_workers", "gradient_checkpointing", "model_path", "max_steps", "num_train_epochs"}
 
 
+def default_eval_dir(run_dir: str, inference: str | None = None, score_only: bool = False,
+                     engine: str | None = None) -> str:
+    """RUN_DIR/eval, or eval-<rule> / eval-<engine> / eval-score / eval-<rule>-<engine>-score: a reading under
+    another rule, through a serving engine, or without generation never overwrites the run's own evaluation."""
+    parts = ["eval"] + [p for p in (inference, engine) if p] + (["score"] if score_only else [])
+    return os.path.join(run_dir, "-".join(parts))
+
+
 def read_train_config(run_dir: str) -> dict:
     """The resolved training config a run wrote (``RUN_DIR/train_config.yaml``).
 

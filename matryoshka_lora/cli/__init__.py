@@ -19,6 +19,7 @@ COMMANDS = {
     "export": ("matryoshka_lora.cli.export", "write ranks of a run as standard PEFT adapters (or merged models)"),
     "svd": ("matryoshka_lora.cli.svd", "give a plain LoRA adapter (a run or any PEFT adapter) nested ranks by SVD"),
     "allocate": ("matryoshka_lora.cli.allocate", "choose a rank per layer under a parameter budget (profiles)"),
+    "serve": ("matryoshka_lora.cli.serve", "serve every chosen rank of a run on vLLM's OpenAI-compatible server"),
 }
 
 USAGE = "usage: matryoshka-lora COMMAND [options]   (matryoshka-lora COMMAND --help for its options)\n\ncommands:\n" + \

@@ -71,8 +71,21 @@ def build_parser() -> argparse.ArgumentParser:
                    help="teacher-forced metrics alone (token_acc, loss, ppl; acc/acc_norm of choice tasks), no "
                         "generation and so no exact match: several times faster, for sweeps; results go to "
                         "RUN_DIR/eval-score (not lm-eval:TASK)")
-    p.add_argument("--no_progress", action="store_true", help="hide progress bars")
+    _engine_options(p)
     return p
+
+
+def _engine_options(p) -> None:
+    """--engine, --engine_url, --python (evaluation through vLLM), then --no_progress."""
+    p.add_argument("--engine", choices=("vllm",), default=None,
+                   help="evaluate through vLLM's OpenAI-compatible server (as `serve` runs it, started for the run "
+                        "and stopped after): the same prompts and scores, the engine's speed; built-in tasks; "
+                        "results go to RUN_DIR/eval-vllm")
+    p.add_argument("--engine_url", default=None, help="evaluate on a running `matryoshka-lora serve` of this run, "
+                                                      "e.g. http://127.0.0.1:8000 (implies --engine vllm)")
+    p.add_argument("--python", dest="engine_python", default=None,
+                   help="--engine: the interpreter that has vLLM (default: $MATRYOSHKA_LORA_VLLM_PYTHON, else this one)")
+    p.add_argument("--no_progress", action="store_true", help="hide progress bars")
 
 
 def spec_of(args) -> EvalSpec:

@@ -2,8 +2,8 @@
 import argparse
 import os
 
-from ..adapter_io import export_rank
-from ..adapter_io import load_run
+from ..adapter_io import export_rank, load_run
+from ..bundle import DEFAULT_TOLERANCE, MANIFEST, export_bundle
 from ..config import INFERENCES, MatryoshkaConfig
 from ..errors import ArgumentParser, UserError
 from .args import parse_ranks
@@ -21,6 +21,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output_dir", default=None, help="where to write rank-K/ folders (default: RUN_DIR/export)")
     p.add_argument("--merge", action="store_true", help="write merged full models instead of adapters "
                                                         "(loads the run's base model)")
+    p.add_argument("--bundle", action="store_true",
+                   help=f"also write {MANIFEST}: base model, method, parameters and bytes per rank, the run's "
+                        "evaluation per rank and AURAC (when evaluated), a recommended rank and the vLLM arguments "
+                        "that serve them (what `matryoshka-lora serve` reads)")
+    p.add_argument("--tolerance", type=float, default=DEFAULT_TOLERANCE,
+                   help="--bundle: recommend the smallest rank whose score is within this of the best rank's "
+                        "(metric on its 0-1 scale; default: %(default)s)")
     p.add_argument("--inference", default=None, choices=INFERENCES,
                    help="read the weights as rank k = s_k·A_k B_k (paper) or as the truncation of the trained "
                         "function (prefix; matryoshka and lora runs) instead of the run's own rule")
@@ -37,6 +44,8 @@ def main(argv) -> int:
     if bad:
         raise UserError(f"--ranks {bad} outside 1..{config.rank} (the run's maximum rank)")
     out = args.output_dir or os.path.join(args.run_dir, "export")
+    if args.bundle:
+        return _bundle(args, ranks, out)
     source = args.run_dir
     if args.merge:
         source = load_run(args.run_dir, quantization="none")[0]  # merged into the full-precision base
@@ -45,4 +54,17 @@ def main(argv) -> int:
         print(f"rank {k}: {path}")
     what = "merged model" if args.merge else "PEFT adapter"
     print(f"wrote {len(ranks)} {what}(s) under {out}")
+    return 0
+
+
+def _bundle(args, ranks, out) -> int:
+    if args.merge or args.inference:
+        raise UserError("--bundle writes the run's adapters under its own rule; leave out --merge and --inference")
+    manifest = export_bundle(args.run_dir, ranks, out, tolerance=args.tolerance)
+    for row in manifest["ranks"]:
+        score = "" if row["score"] is None else f", score {row['score']:.4f}"
+        print(f"rank {row['rank']}: {os.path.join(out, row['path'])} ({row['params']:,} parameters, "
+              f"{row['bytes'] / 2**20:.1f} MiB{score})")
+    print(f"recommended: {manifest['recommendation']}")
+    print(f"wrote {len(manifest['ranks'])} PEFT adapter(s) and {os.path.join(out, MANIFEST)}")
     return 0

@@ -30,21 +30,29 @@ class BuiltinBackend:
                       max_length=getattr(model.config, "max_position_embeddings", None))
         start = time.perf_counter()
         completions = dict.fromkeys(group)  # None: choice tasks and score_only generate nothing
-        if kind != "choice" and not spec.score_only:
+        if self.generates:
             completions = generate_at_ranks(model, tokenizer, [it["prompt"] for it in items], group,
                                             max_new_tokens=spec.max_new_tokens,
                                             stop=stop_strings(kind, tokenizer, spec.stop), **common)
-        flat = score_at_ranks(model, tokenizer, self._pairs(), group, **common)
-        seconds = (time.perf_counter() - start) / len(group)  # a stacked pass is shared by its ranks
-        primary = "token_acc" if spec.score_only and kind != "choice" else PRIMARY[kind]
+        flat = score_at_ranks(model, tokenizer, self.pairs(), group, **common)
+        return self.records(group, completions, flat, (time.perf_counter() - start) / len(group))
+
+    @property
+    def generates(self) -> bool:
+        return self.kind != "choice" and not self.spec.score_only
+
+    def records(self, group, completions: dict, flat: dict, seconds: float) -> dict[int, dict]:
+        """{rank: record} from each rank's completions (None: none) and teacher-forced scores; ``seconds`` per rank
+        (a stacked pass is shared by its ranks)."""
+        primary = "token_acc" if self.spec.score_only and self.kind != "choice" else PRIMARY[self.kind]
         records = {}
         for k in group:
-            metrics, samples = rank_metrics(kind, items, completions[k], self._per_item(flat[k]))
-            records[k] = {"rank": k, "value": metrics[primary], "metric": primary, "n": len(items),
+            metrics, samples = rank_metrics(self.kind, self.items, completions[k], self._per_item(flat[k]))
+            records[k] = {"rank": k, "value": metrics[primary], "metric": primary, "n": len(self.items),
                           "seconds": round(seconds, 3), "metrics": metrics, "samples": samples}
         return records
 
-    def _pairs(self) -> list[tuple[str, str]]:
+    def pairs(self) -> list[tuple[str, str]]:
         """(context, continuation) to score: the reference answer, or each choice of a choice task."""
         if self.kind == "choice":
             return [(it["prompt"], " " + c) for it in self.items for c in it["choices"]]

@@ -101,6 +101,15 @@ class StopOnStrings(StoppingCriteria):
         return done
 
 
+def prompt_ids(tokenizer, prompts: list[str], max_new_tokens: int, max_length: int | None) -> list[list[int]]:
+    """The token ids generation starts from: each prompt encoded, cut on the left to leave room for the answer."""
+    seqs = [encode(tokenizer, p) for p in prompts]
+    if max_length is not None:
+        keep = max(1, max_length - max_new_tokens)
+        seqs = [s[-keep:] for s in seqs]
+    return seqs
+
+
 def _generate_batch(model, tokenizer, seqs, group, max_new_tokens, stop) -> list[list[str]]:
     """Greedy completions of one prompt batch at every rank of ``group``: [rank index][row] -> text."""
     pad = pad_id_of(tokenizer)
@@ -155,10 +164,7 @@ def generate_at_ranks(model, tokenizer, prompts: list[str], ranks, batch_size: i
         ValueError: a rank outside 0..R.
     """
     stop = list(stop)
-    seqs = [encode(tokenizer, p) for p in prompts]
-    if max_length is not None:
-        keep = max(1, max_length - max_new_tokens)
-        seqs = [s[-keep:] for s in seqs]
+    seqs = prompt_ids(tokenizer, prompts, max_new_tokens, max_length)
     # longest first, as lm-eval: similar lengths share a batch (less padding) and memory errors come early
     order = sorted(range(len(seqs)), key=lambda i: -len(seqs[i]))
     def run(items, group):
@@ -192,6 +198,25 @@ def encode_pair(tokenizer, context: str, continuation: str) -> tuple[list[int], 
     whole = encode(tokenizer, context + continuation)
     context_ids = encode(tokenizer, context)
     return context_ids, whole[len(context_ids):]
+
+
+def encode_pairs(tokenizer, pairs: list[tuple[str, str]], max_length: int | None) -> list[tuple[list[int], list[int]]]:
+    """(context ids, continuation ids) of each pair as scored: the context cut on the left to fit ``max_length``.
+
+    Raises:
+        InvalidInput: a continuation with no tokens.
+    """
+    encoded = []
+    for context, continuation in pairs:
+        c, t = encode_pair(tokenizer, context, continuation)
+        if not t:
+            raise InvalidInput(f"continuation {continuation!r} after context {context[-40:]!r} has no tokens")
+        if max_length is not None and len(c) + len(t) > max_length + 1:
+            c = c[max(0, len(c) + len(t) - max_length - 1):]
+        if not c:  # lm-eval scores a bare continuation after the EOS/BOS prefix token
+            c = [tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id]
+        encoded.append((c, t))
+    return encoded
 
 
 def _score_batch(model, pairs, group, pad) -> list[list[tuple[float, int, int]]]:
@@ -235,16 +260,7 @@ def score_at_ranks(model, tokenizer, pairs: list[tuple[str, str]], ranks, batch_
     Raises:
         ValueError: an empty continuation, or a rank outside 0..R.
     """
-    encoded = []
-    for context, continuation in pairs:
-        c, t = encode_pair(tokenizer, context, continuation)
-        if not t:
-            raise InvalidInput(f"continuation {continuation!r} after context {context[-40:]!r} has no tokens")
-        if max_length is not None and len(c) + len(t) > max_length + 1:
-            c = c[max(0, len(c) + len(t) - max_length - 1):]
-        if not c:  # lm-eval scores a bare continuation after the EOS/BOS prefix token
-            c = [tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id]
-        encoded.append((c, t))
+    encoded = encode_pairs(tokenizer, pairs, max_length)
     order = sorted(range(len(encoded)), key=lambda i: -len(encoded[i][0]) - len(encoded[i][1]))
     pad = pad_id_of(tokenizer)
     def run(items, group):
@@ -253,4 +269,4 @@ def score_at_ranks(model, tokenizer, pairs: list[tuple[str, str]], ranks, batch_
     return _over_passes(encoded, order, ranks, stacked, batch_size, run, "score", "seq", progress)
 
 
-__all__ = ["generate_at_ranks", "score_at_ranks", "rank_passes", "encode_pair", "PRETRAINED"]
+__all__ = ["generate_at_ranks", "score_at_ranks", "rank_passes", "encode_pair", "encode_pairs", "prompt_ids", "PRETRAINED"]

@@ -8,18 +8,11 @@ import hashlib
 import json
 import os
 
-from ..files import write_json
+from ..files import file_digest, write_json  # noqa: F401  (file_digest: read from here by older code)
 from ..ranks import aurac, log_aurac
-from ..rundir import EVAL_RANKS
+from ..rundir import EVAL_RANKS, default_eval_dir  # noqa: F401  (likewise)
 from .generate import PRETRAINED
 from .tasks import PRIMARY
-
-
-def default_eval_dir(run_dir: str, inference: str | None = None, score_only: bool = False) -> str:
-    """RUN_DIR/eval, or eval-<rule> / eval-score / eval-<rule>-score: a reading under another rule, or one
-    without generation, never overwrites the run's own evaluation."""
-    return os.path.join(run_dir, "-".join(["eval"] + ([inference] if inference else []) +
-                                          (["score"] if score_only else [])))
 
 
 def rank_file(output_dir: str, k: int) -> str:
@@ -39,14 +32,6 @@ def load_done(output_dir: str, k: int, settings_hash: str) -> dict | None:
 def save_record(output_dir: str, k: int, record: dict, settings_hash: str) -> None:
     record["settings_hash"] = settings_hash
     write_json(rank_file(output_dir, k), record, indent=1)
-
-
-def file_digest(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def settings_hash(settings: dict, items: list[dict], with_adapter: bool) -> str:

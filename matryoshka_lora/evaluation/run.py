@@ -15,12 +15,14 @@ from ..adapter_io import load_run, read_checked
 from ..config import MatryoshkaConfig
 from ..errors import AdapterFileError, UserError
 from ..report import write_eval_outputs
-from ..rundir import TRAIN_CONFIG, WEIGHTS, read_train_config
+from ..files import file_digest
+from ..rundir import TRAIN_CONFIG, WEIGHTS, default_eval_dir, read_train_config
 from ..selection import matryoshka_state
 from ..training.config import DATA_KEYS, TrainConfig
 from .backends import backend_for
+from .engine import EngineBackend, engine_url, run_tokenizer
 from .generate import PRETRAINED
-from .results import default_eval_dir, file_digest, load_done, save_record, settings_hash, summarize
+from .results import load_done, save_record, settings_hash, summarize
 from .spec import EvalSpec
 
 
@@ -39,21 +41,27 @@ def evaluate_run(run_dir: str, spec: EvalSpec | None = None, model_and_tokenizer
         UserError / AdapterFileError: bad run folder, adapter file, task, or options.
     """
     spec = spec.replace(**options) if spec else EvalSpec(**options)
+    if spec.engine_url:
+        spec = spec.replace(engine="vllm")
     spec.check()
     config, ranks = check_run(run_dir, spec.ranks)
     read_as, config = _read_as(config, spec.inference)
+    if spec.engine and (read_as or spec.lm_eval_task):
+        raise UserError("--engine evaluates the ranks `serve` exports: the built-in tasks under the run's own rule; "
+                        "leave out --inference and lm-eval: tasks, or --engine")
     train_config = read_train_config(run_dir)
     if not spec.task and spec.data_options is None:  # the run's data, read as it was trained on
         spec = spec.replace(data_options=run_data_options(train_config))
     spec = spec.replace(task=spec.task or train_config.get("data"), ranks=ranks,
-                        quantization=spec.quantization or train_config.get("quantization", "none"),
-                        output_dir=spec.output_dir or default_eval_dir(run_dir, read_as, spec.score_only))
+                        quantization="none" if spec.engine else  # the engine serves the full-precision base
+                        spec.quantization or train_config.get("quantization", "none"),
+                        output_dir=spec.output_dir or default_eval_dir(run_dir, read_as, spec.score_only, spec.engine))
     if not spec.task:
         raise UserError(f"--task not given and {os.path.join(run_dir, TRAIN_CONFIG)} names no data; "
                         "give --task gsm8k, arithmetic, a JSONL file or lm-eval:<task>")
     settings = spec.settings(train_config.get("model_path") or train_config.get("model"),
                              file_digest(os.path.join(run_dir, WEIGHTS)), read_as)
-    backend = backend_for(spec)
+    backend = EngineBackend(spec) if spec.engine else backend_for(spec)
     hashes = {k: settings_hash(settings, backend.items, with_adapter=k != PRETRAINED) for k in [PRETRAINED] + ranks}
     records = {k: r for k in hashes if (r := load_done(spec.output_dir, k, hashes[k])) is not None}
     pending = [k for k in [PRETRAINED] + ranks if k not in records]
@@ -61,18 +69,26 @@ def evaluate_run(run_dir: str, spec: EvalSpec | None = None, model_and_tokenizer
         done = ", ".join("pretrained" if k == PRETRAINED else str(k) for k in sorted(records))
         print(f"matryoshka-lora eval: reusing finished ranks {done} from {spec.output_dir}/ranks", flush=True)
     started = time.perf_counter()
-    if pending:
+    if pending and spec.engine:
+        with engine_url(run_dir, spec, ranks) as url:
+            _compute(backend.attach(url), None, run_tokenizer(run_dir), pending, spec.output_dir, hashes, records)
+    elif pending:
         model, tokenizer = model_and_tokenizer or load_model(run_dir, spec)
         with read_as_rule(model, config):
-            for group in backend.groups(pending):
-                for k, record in backend.run(model, tokenizer, group).items():
-                    save_record(spec.output_dir, k, record, hashes[k])
-                    records[k] = record
+            _compute(backend, model, tokenizer, pending, spec.output_dir, hashes, records)
     result = summarize(spec.task, backend.kind, ranks, records, settings, config, run_dir, spec.stacked)
     result.update(inference=config.inference, output_dir=os.path.abspath(spec.output_dir))
     result["seconds_total"] = round(time.perf_counter() - started, 3)
     write_eval_outputs(result, spec.output_dir)
     return result
+
+
+def _compute(backend, model, tokenizer, pending: list[int], output_dir: str, hashes: dict, records: dict) -> None:
+    """Evaluate the pending ranks pass by pass, storing each record as soon as it is done."""
+    for group in backend.groups(pending):
+        for k, record in backend.run(model, tokenizer, group).items():
+            save_record(output_dir, k, record, hashes[k])
+            records[k] = record
 
 
 def run_data_options(train_config: dict) -> dict | None:

@@ -41,6 +41,10 @@ class EvalSpec:
         data_options: how ``task`` is read when it is the run's own data: the run's ``data_config``,
             ``data_format``, ``data_columns``, ``data_split`` (few-shot exemplars) and ``eval_split`` (the items),
             only those that differ from their defaults (``evaluate_run`` fills it from train_config.yaml).
+        engine: "vllm" to evaluate through vLLM's OpenAI-compatible server (``serve``), started for the run and
+            stopped after, or the one at ``engine_url``; results go to ``RUN_DIR/eval-vllm`` by default.
+        engine_url: a running ``matryoshka-lora serve`` of this run to evaluate on (implies ``engine="vllm"``).
+        engine_python: the interpreter that has vLLM (see ``serving.engine_python``).
     """
 
     task: str | None = None
@@ -64,6 +68,9 @@ class EvalSpec:
     inference: str | None = None
     score_only: bool = False
     data_options: dict | None = None
+    engine: str | None = None
+    engine_url: str | None = None
+    engine_python: str | None = None
 
     @property
     def lm_eval_task(self) -> str | None:
@@ -80,6 +87,8 @@ class EvalSpec:
         limit = self.limit
         if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
             raise UserError(f"--limit {limit!r} is not valid; give a positive integer (or leave it out for all)")
+        if self.engine not in (None, "vllm"):
+            raise UserError(f"--engine {self.engine!r} is not valid; give vllm (or leave it out: this process)")
         if self.lm_eval_task is not None and self.score_only:
             raise UserError(f"--score_only does not apply to {self.task!r}: lm-eval runs its own task (its metrics "
                             "are the task's); use a built-in task (gsm8k, arithmetic, a JSONL file) or leave "
@@ -104,6 +113,8 @@ class EvalSpec:
             settings["score_only"] = True
         if self.data_options:  # likewise: a run on data read as 0.1 read it has none
             settings["data_options"] = dict(self.data_options)
+        if self.engine or self.engine_url:  # likewise
+            settings["engine"] = "vllm"
         if lm_eval:
             settings.update(metric=self.metric, include_path=self.include_path and os.path.abspath(self.include_path),
                             batch_size=self.batch_size)
