@@ -114,10 +114,26 @@ def dequantized_gguf(path: str, dtype: str = "float32") -> str:
     out = _gguf_cache_dir(path, dtype)
     if os.path.isfile(os.path.join(out, "config.json")):
         return out
+    full = _gguf_cache_dir(path, "float32")
+    if dtype != "float32" and os.path.isfile(os.path.join(full, "config.json")):
+        print(f"matryoshka-lora: converting {full} once into {out} ({dtype})", flush=True)
+        model, tokenizer = _from_cached(full, dtype)  # the same weights, rounded: seconds instead of a minute
+    else:
+        print(f"matryoshka-lora: dequantizing {path} once into {out} ({dtype})", flush=True)
+        model, tokenizer = _from_gguf(path, dtype)
+    with atomic_dir(out, replace=False) as tmp:  # another process that finished first keeps its folder
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        with open(os.path.join(tmp, "source.json"), "w") as f:
+            json.dump({"gguf": os.path.abspath(path), "dtype": dtype}, f)
+    return out
+
+
+def _from_gguf(path: str, dtype: str):
+    """(plain model, tokenizer) of a GGUF file: dequantized in ``dtype``, without the GGUF quantizer mark."""
     from transformers import AutoModelForCausalLM, AutoTokenizer  # see _transformers_note
 
     directory, filename = os.path.split(os.path.abspath(path))
-    print(f"matryoshka-lora: dequantizing {path} once into {out} ({dtype})", flush=True)
     try:
         quantized = AutoModelForCausalLM.from_pretrained(directory, gguf_file=filename, dtype=_torch_dtype(dtype))
         tokenizer = AutoTokenizer.from_pretrained(directory, gguf_file=filename)
@@ -131,12 +147,15 @@ def dequantized_gguf(path: str, dtype: str = "float32") -> str:
         model = AutoModelForCausalLM.from_config(config, dtype=_torch_dtype(dtype))
     model.load_state_dict(quantized.state_dict(), assign=True, strict=True)
     model.tie_weights()
-    with atomic_dir(out, replace=False) as tmp:  # another process that finished first keeps its folder
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        with open(os.path.join(tmp, "source.json"), "w") as f:
-            json.dump({"gguf": os.path.abspath(path), "dtype": dtype}, f)
-    return out
+    return model, tokenizer
+
+
+def _from_cached(folder: str, dtype: str):
+    """(model, tokenizer) of an already dequantized float32 folder, cast to ``dtype``."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer  # see _transformers_note
+
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=_torch_dtype(dtype))
+    return model, AutoTokenizer.from_pretrained(folder)
 
 
 def _torch_dtype(dtype: str):
