@@ -196,42 +196,46 @@ def smol_run(tmp_path_factory):
     return run
 
 
-def _start_serve(run, python, port) -> subprocess.Popen:
-    proc = subprocess.Popen([sys.executable, "-m", "matryoshka_lora", "serve", run, "--port", str(port),
+def _launch_serve(run, python, port) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "matryoshka_lora", "serve", run, "--port", str(port),
                              "--python", python, "--startup_timeout", "600"], stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, cwd=REPO)
+
+
+def _wait_serving(proc) -> None:
     lines = []
     for line in proc.stdout:
         lines.append(line)
         if "Ctrl-C stops the server" in line or "error" in line:
             break
     assert lines and "Ctrl-C stops the server" in lines[-1], "".join(lines)
-    return proc
 
 
 @pytest.mark.integration
 def test_served_ranks_complete_as_generate_and_eval_scores_as_builtin(smol_run, tmp_path):
     """Greedy completions of every served rank (and the base) equal this project's `generate` at that rank (fp32);
     `eval --engine_url` gives the built-in path's completions and scores; Ctrl-C stops every engine process.
-    Broken if: the export's scale or the rank → model-name mapping is wrong (checked: serving rank-2's folder as
-    r4 fails the rank-4 comparison)."""
+    Broken if: the rank → model-name mapping or the export's scale is wrong (checked: serving rank 2's folder under
+    the name of rank 4 fails at "rank 4")."""
     python = vllm_python()
     from matryoshka_lora.adapter_io import load_run
 
-    model, tokenizer, _ = load_run(smol_run)
-    ours = generate_at_ranks(model, tokenizer, PROMPTS, [0, 1, 2, 4, 8], max_new_tokens=24, progress=False)
-    assert len({tuple(v) for v in ours.values()}) == 5  # every rank answers differently: the test can fail
-    common = dict(limit=4, max_new_tokens=24, ranks=[1, 8], progress=False)
-    builtin = evaluate_run(smol_run, output_dir=str(tmp_path / "hf"), model_and_tokenizer=(model, tokenizer), **common)
-    del model  # the engine gets the cores from here on
     port = _free_port()
-    proc = _start_serve(smol_run, python, port)
+    proc = _launch_serve(smol_run, python, port)  # the engine starts while this process computes its own answers
     try:
+        model, tokenizer, _ = load_run(smol_run)
+        ours = generate_at_ranks(model, tokenizer, PROMPTS, [0, 1, 2, 4, 8], max_new_tokens=16, progress=False)
+        assert len({tuple(v) for v in ours.values()}) == 5  # every rank answers differently: the test can fail
+        common = dict(limit=3, max_new_tokens=16, ranks=[1, 8], progress=False)
+        builtin = evaluate_run(smol_run, output_dir=str(tmp_path / "hf"), model_and_tokenizer=(model, tokenizer),
+                               **common)
+        del model
+        _wait_serving(proc)
         url = f"http://127.0.0.1:{port}"
         with ThreadPoolExecutor(8) as pool:
             for k, expected in ours.items():
                 name = "smol" if k == 0 else f"smol@r{k}"
-                got = list(pool.map(lambda p: complete(url, name, p, 24)["text"], PROMPTS))
+                got = list(pool.map(lambda p: complete(url, name, p, 16)["text"], PROMPTS))
                 assert got == expected, f"rank {k}"
         engine = evaluate_run(smol_run, output_dir=str(tmp_path / "vllm"), engine_url=url, **common)
     finally:
