@@ -6,6 +6,7 @@ recommended rank (the smallest whose score is within ``tolerance`` of the best r
 serve every rank of the bundle at once. Rank folders already exported from the same adapter weights are reused.
 """
 import json
+import math
 import os
 
 from safetensors import safe_open
@@ -70,15 +71,8 @@ def _size(folder: str) -> tuple[int, int]:
     """(parameters, bytes) of the adapter weights in ``folder``."""
     path = os.path.join(folder, WEIGHTS)
     with safe_open(path, "pt") as f:
-        params = sum(_numel(f.get_slice(key).get_shape()) for key in f.keys())
+        params = sum(math.prod(f.get_slice(key).get_shape()) for key in f.keys())
     return params, os.path.getsize(path)
-
-
-def _numel(shape) -> int:
-    n = 1
-    for d in shape:
-        n *= d
-    return n
 
 
 def read_manifest(out_dir: str) -> dict | None:

@@ -22,7 +22,7 @@ from matryoshka_lora.cli import main
 from matryoshka_lora.errors import UserError
 from matryoshka_lora.evaluation import evaluate_run
 from matryoshka_lora.evaluation.generate import generate_at_ranks
-from matryoshka_lora.serving import ENGINE_PYTHON_ENV, complete, engine_python, port_problem
+from matryoshka_lora.serving import ENGINE_PYTHON_ENV, complete, engine_python, free_port, port_problem
 from conftest import embedded_model_dir, skip_unless
 from test_evaluate import make_run, random_adapter
 
@@ -220,7 +220,7 @@ def test_served_ranks_complete_as_generate_and_eval_scores_as_builtin(smol_run, 
     python = vllm_python()
     from matryoshka_lora.adapter_io import load_run
 
-    port = _free_port()
+    port = free_port()
     proc = _launch_serve(smol_run, python, port)  # the engine starts while this process computes its own answers
     try:
         model, tokenizer, _ = load_run(smol_run)
@@ -252,12 +252,6 @@ def test_served_ranks_complete_as_generate_and_eval_scores_as_builtin(smol_run, 
         b = json.load(open(tmp_path / "hf" / "ranks" / f"rank-{k}.json"))["samples"]
         e = json.load(open(tmp_path / "vllm" / "ranks" / f"rank-{k}.json"))["samples"]
         assert [s["completion"] for s in b] == [s["completion"] for s in e]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.mark.integration
