@@ -19,7 +19,7 @@ from .files import atomic_dir
 from .model import get_matryoshka_model
 from .ranks import check_inference_rank
 from .rundir import ADAPTER_CONFIG as ADAPTER_CONFIG_NAME, MATRYOSHKA_CONFIG as CONFIG_NAME, TRAIN_CONFIG
-from .rundir import WEIGHTS as WEIGHTS_NAME, read_train_config
+from .rundir import WEIGHTS as WEIGHTS_NAME, read_train_config, run_model_name
 from .selection import inference_gate, matryoshka_state
 
 
@@ -142,9 +142,7 @@ def load_run(run_dir: str, dtype: str = "float32", device=None, quantization: st
         AdapterFileError: adapter files missing or corrupt.
     """
     config = read_train_config(run_dir)
-    model_path = config.get("model_path")
-    # The resolved folder while it exists (a GGUF cache may have been cleared), else the name the user gave.
-    model_name = model_path if model_path and os.path.isdir(str(model_path)) else config.get("model")
+    model_name = run_model_name(config)
     if not model_name:
         raise UserError(f"{os.path.join(run_dir, TRAIN_CONFIG)} names no model")
     quantization = config.get("quantization", "none") if quantization is None else quantization

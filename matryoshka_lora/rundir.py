@@ -43,6 +43,13 @@ def default_eval_dir(run_dir: str, inference: str | None = None, score_only: boo
     return os.path.join(run_dir, "-".join(parts))
 
 
+def run_model_name(train_config: dict) -> str | None:
+    """The base model a run names: its resolved folder while it exists (a GGUF cache may have been cleared), else
+    the name the user gave."""
+    path = train_config.get("model_path")
+    return path if path and os.path.isdir(str(path)) else train_config.get("model")
+
+
 def read_train_config(run_dir: str) -> dict:
     """The resolved training config a run wrote (``RUN_DIR/train_config.yaml``).
 

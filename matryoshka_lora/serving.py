@@ -19,7 +19,7 @@ import urllib.request
 from .base_models import resolve_model
 from .bundle import checked_ranks, export_bundle, lora_name
 from .errors import UserError
-from .rundir import read_train_config
+from .rundir import read_train_config, run_model_name
 
 ENGINE_PYTHON_ENV = "MATRYOSHKA_LORA_VLLM_PYTHON"
 ENGINE_MODULE = "vllm.entrypoints.openai.api_server"
@@ -80,11 +80,7 @@ def free_port(host: str = "127.0.0.1") -> int:
 def run_base(run_dir: str, dtype: str) -> str:
     """The base model the engine loads: the folder the run trained on while it exists, else its model resolved
     again (a hub id stays a hub id; a ``.gguf`` file or ``smollm2`` is dequantized once into the cache)."""
-    train = read_train_config(run_dir)
-    path = train.get("model_path")
-    if path and os.path.isdir(str(path)) and os.path.isfile(os.path.join(str(path), "config.json")):
-        return str(path)
-    return resolve_model(train.get("model"), dtype)
+    return resolve_model(run_model_name(read_train_config(run_dir)), dtype)
 
 
 def engine_command(python: str, base: str, name: str, lora_args: list[str], host: str, port: int, dtype: str,

@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 
 from ..base_models import load_tokenizer
 from ..errors import UserError
-from ..rundir import read_train_config
+from ..rundir import read_train_config, run_model_name
 from ..serving import complete, get_json, serve_run
 from .backends import BuiltinBackend
 from .extract import truncate_at_stop
@@ -53,9 +53,7 @@ def run_tokenizer(run_dir: str):
     """The tokenizer the run saved (its base model's when it saved none), as ``load_run`` reads it."""
     if os.path.isfile(os.path.join(run_dir, "tokenizer_config.json")):
         return load_tokenizer(run_dir)
-    train = read_train_config(run_dir)
-    path = train.get("model_path")
-    return load_tokenizer(path if path and os.path.isdir(str(path)) else train.get("model"))
+    return load_tokenizer(run_model_name(read_train_config(run_dir)))
 
 
 @contextlib.contextmanager
