@@ -21,6 +21,7 @@ from .methods import METHOD_NAMES
 from .ranks import aurac, log_aurac
 from .report import compare_markdown, write_compare_outputs
 from .rundir import COMPLETE, SVD_SOURCE, WEIGHTS, read_train_config
+from .serving import engine_python
 from .svd import svd_adapter
 from .training import TrainConfig, build_config, train
 
@@ -175,6 +176,8 @@ def compare(config_path: str | None, methods: list[str], seeds: list[int], outpu
     overrides, eval_options = dict(overrides or {}), dict(eval_options or {})
     lm_eval_task = (eval_options.get("task") or "").startswith("lm-eval:")
     check_metric(metric, lm_eval_task, eval_options.get("score_only", False))
+    if eval_options.get("engine"):  # a missing vLLM fails now, not after hours of training
+        eval_options["engine_python"] = engine_python(eval_options.get("engine_python"))
     if metric and lm_eval_task:
         eval_options["metric"] = metric  # lm-eval's own metric key becomes each rank's primary value
     for key in ("method", "seed", "output_dir"):
@@ -196,7 +199,8 @@ def compare(config_path: str | None, methods: list[str], seeds: list[int], outpu
                 train_or_reuse(file_values, overrides, m, seed, run_dir, config_path or "command line")
             if m not in methods:  # the lora run lora-svd was made from: nobody asked for its scores
                 continue
-            eval_dir = default_eval_dir(run_dir, score_only=eval_options.get("score_only", False))
+            eval_dir = default_eval_dir(run_dir, score_only=eval_options.get("score_only", False),
+                                        engine=eval_options.get("engine"))
             if first_eval:
                 share_pretrained(first_eval, eval_dir)
             result = evaluate_run(run_dir, output_dir=eval_dir, **eval_options)

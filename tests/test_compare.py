@@ -1,6 +1,7 @@
 """`compare` end to end on a tiny random model: every method trained, evaluated, tabulated and plotted."""
 import json
 import os
+import sys
 
 import pytest
 import yaml
@@ -153,6 +154,14 @@ def test_compare_score_only_refuses_a_generated_metric_before_training(tiny_llam
     assert run_compare(tiny_llama_dir, out, "dylora", "1", "--score_only", "--metric", "exact_match_strict") == 2
     err = capsys.readouterr().err
     assert "--metric 'exact_match_strict' needs generation" in err and not out.exists()
+
+
+def test_compare_through_an_engine_without_vllm_fails_before_training(tiny_llama_dir, tmp_path, capsys):
+    """Broken if: the engine's interpreter is checked only when the first run is evaluated (a run folder appears)."""
+    out = tmp_path / "c"
+    assert run_compare(tiny_llama_dir, out, "dylora", "1", "--engine", "vllm", "--python", sys.executable) == 2
+    err = capsys.readouterr().err
+    assert "vLLM is not installed for" in err and "Traceback" not in err and not out.exists()
 
 
 # compare on answers that can be right: on the random model of `compared` every exact match is 0 at every rank, so

@@ -214,7 +214,8 @@ def _wait_serving(proc) -> None:
 @pytest.mark.integration
 def test_served_ranks_complete_as_generate_and_eval_scores_as_builtin(smol_run, tmp_path):
     """Greedy completions of every served rank (and the base) equal this project's `generate` at that rank (fp32);
-    `eval --engine_url` gives the built-in path's completions and scores; Ctrl-C stops every engine process.
+    `eval --engine_url` gives the built-in path's completions and scores, and lm-eval tasks (multiple choice:
+    log-likelihoods; gsm8k: generation) the in-process lm-eval's; SIGTERM stops every engine process.
     Broken if: the rank → model-name mapping or the export's scale is wrong (checked: serving rank 2's folder under
     the name of rank 4 fails at "rank 4")."""
     python = vllm_python()
@@ -229,6 +230,10 @@ def test_served_ranks_complete_as_generate_and_eval_scores_as_builtin(smol_run, 
         common = dict(limit=3, max_new_tokens=16, ranks=[1, 8], progress=False)
         builtin = evaluate_run(smol_run, output_dir=str(tmp_path / "hf"), model_and_tokenizer=(model, tokenizer),
                                **common)
+        tasks = lm_eval_tasks(tmp_path)
+        lm_eval = dict(common, ranks=[8], include_path=tasks, shots=0)  # and the base: two names to tell apart
+        in_process = {t: evaluate_run(smol_run, task=f"lm-eval:{t}", output_dir=str(tmp_path / f"hf-{t}"),
+                                      model_and_tokenizer=(model, tokenizer), **lm_eval) for t in LM_EVAL_TASKS}
         del model
         _wait_serving(proc)
         url = f"http://127.0.0.1:{port}"
@@ -238,8 +243,10 @@ def test_served_ranks_complete_as_generate_and_eval_scores_as_builtin(smol_run, 
                 got = list(pool.map(lambda p: complete(url, name, p, 16)["text"], PROMPTS))
                 assert got == expected, f"rank {k}"
         engine = evaluate_run(smol_run, output_dir=str(tmp_path / "vllm"), engine_url=url, **common)
+        through = {t: evaluate_run(smol_run, task=f"lm-eval:{t}", output_dir=str(tmp_path / f"vllm-{t}"),
+                                   engine_url=url, **lm_eval) for t in LM_EVAL_TASKS}
     finally:
-        proc.send_signal(signal.SIGINT)
+        proc.send_signal(signal.SIGTERM)  # as `kill` or `docker stop`; Ctrl-C's SIGINT has the same handler
         rc = proc.wait(120)
     assert rc == 0 and "stopping the server" in proc.stdout.read()
     assert not engine_processes(port)
@@ -252,6 +259,44 @@ def test_served_ranks_complete_as_generate_and_eval_scores_as_builtin(smol_run, 
         b = json.load(open(tmp_path / "hf" / "ranks" / f"rank-{k}.json"))["samples"]
         e = json.load(open(tmp_path / "vllm" / "ranks" / f"rank-{k}.json"))["samples"]
         assert [s["completion"] for s in b] == [s["completion"] for s in e]
+    for task in LM_EVAL_TASKS:
+        assert_same_lm_eval(in_process[task], through[task])
+
+
+LM_EVAL_TASKS = ("tiny_mc", "tiny_gsm8k")
+
+
+def lm_eval_tasks(tmp_path) -> str:
+    """test_lmeval's multiple-choice (loglikelihood) and gsm8k (generation) task YAMLs over local JSONL: a folder."""
+    from test_evaluate import GSM_ROWS, write_jsonl
+    from test_lmeval import GSM_YAML, MC_ROWS, MC_YAML
+
+    d = tmp_path / "tasks"
+    d.mkdir()
+    mc = write_jsonl(d / "mc.jsonl", MC_ROWS)
+    gsm = write_jsonl(d / "gsm.jsonl", [{"question": q, "answer": a} for q, a in GSM_ROWS[:3]])
+    (d / "tiny_mc.yaml").write_text(MC_YAML.format(data=mc))
+    (d / "tiny_gsm8k.yaml").write_text(GSM_YAML.format(data=gsm))
+    return str(d)
+
+
+def assert_same_lm_eval(in_process: dict, engine: dict) -> None:
+    """The same lm-eval metrics at the base and rank 8, the same generated texts, log-likelihoods to 1e-4. The base
+    and rank 8 of this random adapter generate different texts, so a wrong rank → model name fails here (checked:
+    lm-eval on the engine asking rank 8's name for the base fails at pretrained.json)."""
+    assert engine["settings"]["engine"] == "vllm"
+    files = sorted(os.listdir(os.path.join(in_process["output_dir"], "ranks")))
+    assert files == ["pretrained.json", "rank-8.json"]
+    for name in files:
+        b, e = (json.load(open(os.path.join(r["output_dir"], "ranks", name))) for r in (in_process, engine))
+        assert b["metrics"] == e["metrics"], name
+        for sb, se in zip(b["samples"], e["samples"], strict=True):
+            if isinstance(sb["resps"][0][0], str):  # [[generated text]]
+                assert sb["resps"] == se["resps"] and sb["filtered_resps"] == se["filtered_resps"], name
+            else:  # [[[log-likelihood, is greedy]], ...] per choice
+                assert [g for (_, g), in sb["resps"]] == [g for (_, g), in se["resps"]], name
+                assert [ll for (ll, _), in se["resps"]] == pytest.approx([ll for (ll, _), in sb["resps"]], abs=1e-4)
+
 
 
 @pytest.mark.integration

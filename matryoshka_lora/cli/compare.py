@@ -9,7 +9,8 @@ from ..training.config import unknown_key_problem
 from .args import parse_ranks
 from .train import parser as train_parser
 
-EVAL_OPTIONS = ("task", "ranks", "shots", "limit", "batch_size", "max_new_tokens", "score_only")
+EVAL_OPTIONS = ("task", "ranks", "shots", "limit", "batch_size", "max_new_tokens", "score_only", "engine",
+                "engine_python")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -35,6 +36,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--score_only", action="store_true",
                    help="evaluate by teacher-forced metrics alone (token_acc, loss; acc for multiple choice), without "
                         "generation: several times faster, no exact match; into RUN_DIR/eval-score")
+    p.add_argument("--engine", choices=("vllm",), default=None,
+                   help="evaluate every run through vLLM's OpenAI-compatible server (started per run and stopped "
+                        "after, as `eval --engine vllm`); results go to RUN_DIR/eval-vllm")
+    p.add_argument("--python", dest="engine_python", default=None,
+                   help="--engine: the interpreter that has vLLM (default: $MATRYOSHKA_LORA_VLLM_PYTHON, else this one)")
     p.add_argument("--metric", default=None,
                    help="the per-rank metric tabulated (default: the task's primary). Built-in tasks: "
                         "exact_match_strict, exact_match_flexible (gsm8k), exact_match (completion), acc, acc_norm "

@@ -79,8 +79,8 @@ def _engine_options(p) -> None:
     """--engine, --engine_url, --python (evaluation through vLLM), then --no_progress."""
     p.add_argument("--engine", choices=("vllm",), default=None,
                    help="evaluate through vLLM's OpenAI-compatible server (as `serve` runs it, started for the run "
-                        "and stopped after): the same prompts and scores, the engine's speed; built-in tasks; "
-                        "results go to RUN_DIR/eval-vllm")
+                        "and stopped after): the same prompts and scores, the engine's speed; built-in tasks, and "
+                        "lm-eval:TASK through lm-eval's local-completions model; results go to RUN_DIR/eval-vllm")
     p.add_argument("--engine_url", default=None, help="evaluate on a running `matryoshka-lora serve` of this run, "
                                                       "e.g. http://127.0.0.1:8000 (implies --engine vllm)")
     p.add_argument("--python", dest="engine_python", default=None,

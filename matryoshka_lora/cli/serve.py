@@ -2,6 +2,7 @@
 import argparse
 import json
 import os
+import signal
 
 from ..bundle import lora_name
 from ..errors import ArgumentParser
@@ -58,6 +59,17 @@ def usage(server, manifest: dict) -> str:
         "Ctrl-C stops the server."])
 
 
+def stop_on_signals() -> None:
+    """SIGTERM (kill, systemd, docker stop), SIGHUP and SIGINT stop the server as Ctrl-C does. The engine runs in its
+    own process group, so this process dying of a signal would leave it running; SIGINT is set too because a shell
+    starts `serve ... &` with SIGINT ignored."""
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, interrupt)
+
+
 def main(argv) -> int:
     argv = list(argv)
     extra = argv[argv.index("--") + 1:] if "--" in argv else []
@@ -67,6 +79,7 @@ def main(argv) -> int:
                                  args.python, args.base, extra, args.output_dir, args.startup_timeout)
     print(f"matryoshka-lora serve: starting vLLM ({os.path.relpath(server.log_path)}): {' '.join(server.command)}",
           flush=True)
+    stop_on_signals()
     with server:
         print(usage(server, manifest), flush=True)
         try:

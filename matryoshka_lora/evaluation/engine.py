@@ -1,5 +1,8 @@
 """Evaluation through a serving engine: vLLM's OpenAI-compatible server, one rank per model name (``NAME@r4``).
 
+``lm-eval:`` tasks go through lm-eval's own ``local-completions`` model (``EngineLmEvalBackend``, see lmeval.py);
+the built-in tasks as follows.
+
 The items, prompts and token ids are the built-in path's (``BuiltinBackend``): prompts go to the server as token
 ids, so both paths decode from the same tokens, and the teacher-forced scores come from the server's
 ``prompt_logprobs`` (the log-probability and the rank of each reference token). Under greedy decoding in fp32 both
@@ -21,9 +24,10 @@ from ..base_models import load_tokenizer
 from ..errors import UserError
 from ..rundir import read_train_config, run_model_name
 from ..serving import complete, get_json, serve_run
-from .backends import BuiltinBackend
+from .backends import BuiltinBackend, LmEvalBackend
 from .extract import truncate_at_stop
 from .generate import PRETRAINED, encode_pairs, prompt_ids
+from .lmeval import engine_lm, evaluate_lm
 from .tasks import stop_strings
 
 ENGINES = ("vllm",)
@@ -80,11 +84,14 @@ class EngineBackend(BuiltinBackend):
     def groups(self, pending: list[int]) -> list[list[int]]:
         return [[k] for k in pending]  # the engine batches concurrent requests; one rank per group keeps timings
 
-    def run(self, model, tokenizer, group: list[int]) -> dict[int, dict]:
-        k, spec = group[0], self.spec
+    def model_name(self, k: int) -> str:
         if k not in self.names:
             raise UserError(f"the server at {self.url} has no rank {k} (it serves {sorted(self.names)})")
-        name, start = self.names[k], time.perf_counter()
+        return self.names[k]
+
+    def run(self, model, tokenizer, group: list[int]) -> dict[int, dict]:
+        k, spec = group[0], self.spec
+        name, start = self.model_name(k), time.perf_counter()
         completions = {k: None}
         if self.generates:
             stop = stop_strings(self.kind, tokenizer, spec.stop)
@@ -105,3 +112,20 @@ class EngineBackend(BuiltinBackend):
     def _map(self, fn, items, what: str, workers: int | None = None) -> list:
         with ThreadPoolExecutor(workers or self.spec.batch_size) as pool:
             return list(tqdm(pool.map(fn, items), total=len(items), desc=what, disable=not self.spec.progress))
+
+
+class EngineLmEvalBackend(LmEvalBackend):
+    """An lm-eval task, each rank through lm-eval's ``local-completions`` model under that rank's model name."""
+
+    attach, model_name = EngineBackend.attach, EngineBackend.model_name
+
+    def run(self, model, tokenizer, group: list[int]) -> dict[int, dict]:
+        s, k = self.spec, group[0]
+        lm = engine_lm(self.url, self.model_name(k), tokenizer, concurrent=s.batch_size, max_length=self.max_length)
+        return {k: evaluate_lm(lm, s.lm_eval_task, k, shots=s.shots, limit=s.limit, include_path=s.include_path,
+                               metric=s.metric, max_new_tokens=s.max_new_tokens, manager=self.manager)}
+
+
+def engine_backend(spec):
+    """The engine's backend for ``spec``'s task: lm-eval's own model for ``lm-eval:`` tasks, else the built-in one."""
+    return EngineLmEvalBackend(spec) if spec.lm_eval_task is not None else EngineBackend(spec)

@@ -1,4 +1,4 @@
-"""`--task lm-eval:<task>`: lm-evaluation-harness on the in-memory model at each rank.
+"""`--task lm-eval:<task>`: lm-evaluation-harness on the in-memory model at each rank, or through the engine.
 
 lm-eval's ``HFLM`` wraps the already loaded PEFT model (no reload per rank, no request cache: ranks
 share prompts, so a cache keyed by prompt would hand rank 1's answers to rank 2), and
@@ -6,7 +6,8 @@ share prompts, so a cache keyed by prompt would hand rank 1's answers to rank 2)
 Stacking ranks is not possible here: lm-eval batches requests itself and sees one model.
 Hub tasks (``arc_challenge``, ``hellaswag``, ``gsm8k``) need hub access for their data; ``--include_path``
 adds a folder of custom task YAMLs, e.g. over a local JSONL (``dataset_path: json`` with
-``dataset_kwargs: {data_files: {test: /path/test.jsonl}}``).
+``dataset_kwargs: {data_files: {test: /path/test.jsonl}}``). Through the engine (``eval --engine vllm``) each rank
+is lm-eval's own ``local-completions`` model pointed at the server under that rank's model name (``engine_lm``).
 """
 import difflib
 import json
@@ -71,40 +72,78 @@ def pick_metric(task_results: dict, metric: str | None) -> str:
     return sorted(numeric)[0]
 
 
-def evaluate_rank(model, tokenizer, task: str, rank: int, shots: int | None = None, limit: int | None = None,
-                  batch_size: int = 8, include_path: str | None = None, metric: str | None = None,
-                  max_new_tokens: int | None = None, manager=None) -> dict:
-    """Run an lm-eval task on ``model`` at ``rank`` (0: the base model, adapter off).
+def evaluate_rank(model, tokenizer, task: str, rank: int, batch_size: int = 8, **options) -> dict:
+    """Run an lm-eval task on ``model`` at ``rank`` (0: the base model, adapter off), in this process.
 
     Args:
         model: a matryoshka PEFT model in memory.
         tokenizer: its tokenizer.
         task: an lm-eval task name (built in or from ``include_path``).
         rank: the rank, or 0 for the adapter switched off.
+        batch_size: lm-eval batch size.
+        **options: those of ``evaluate_lm``.
+
+    Returns:
+        ``{"rank", "value", "n", "seconds", "metric", "metrics", "samples"}``.
+    """
+    _, HFLM, _ = _import()
+    hflm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
+    with model.disable_adapter() if rank == PRETRAINED else use_rank(model, rank):
+        return evaluate_lm(hflm, task, rank, **options)
+
+
+def engine_lm(url: str, model_name: str, tokenizer, concurrent: int = 8, max_length: int | None = None):
+    """lm-eval's own ``local-completions`` model on an OpenAI-compatible server (``serve``), as model ``model_name``.
+
+    Requests go as token ids of ``tokenizer`` (the run's), so both paths score and generate from the same tokens.
+    Generation requests go ``concurrent`` at a time (the engine batches them); loglikelihood requests one at a time,
+    one prompt each: vLLM applies a LoRA slot to sampled positions only, so echoed prompt log-probabilities of
+    requests batched together are wrong or fail (vLLM issue #16668; see engine.py).
+    """
+    _import()
+    from lm_eval.models.openai_completions import LocalCompletionsAPI
+
+    class OneScoreAtATime(LocalCompletionsAPI):
+        def _loglikelihood_tokens(self, requests, **kwargs):
+            kept, self._concurrent, self._batch_size = (self._concurrent, self._batch_size), 1, 1
+            try:
+                return super()._loglikelihood_tokens(requests, **kwargs)
+            finally:
+                self._concurrent, self._batch_size = kept
+
+    try:
+        lm = OneScoreAtATime(base_url=f"{url}/v1/completions", model=model_name, tokenizer_backend="none",
+                             num_concurrent=concurrent, batch_size=1, max_length=max_length or 2048, max_retries=1)
+    except ModuleNotFoundError as e:  # aiohttp, tenacity or requests: lm-eval's [api] extra
+        raise UserError(f"lm-eval through the engine needs lm-eval's API extra ({e.name or e}): "
+                        "pip install 'lm-eval[api]' (or pip install 'matryoshka-lora[eval]')") from None
+    lm.tokenizer, lm.tokenizer_backend, lm.tokenized_requests = tokenizer, "huggingface", True
+    return lm
+
+
+def evaluate_lm(lm, task: str, rank: int, shots: int | None = None, limit: int | None = None,
+                include_path: str | None = None, metric: str | None = None, max_new_tokens: int | None = None,
+                manager=None) -> dict:
+    """Run an lm-eval task on an lm-eval model ``lm`` that answers as ``rank``; the record of ``evaluate_rank``.
+
+    Args:
+        lm: an lm-eval ``LM`` (``HFLM`` under ``use_rank``, or ``engine_lm``).
+        task: an lm-eval task name (built in or from ``include_path``).
+        rank: the rank it answers as (0: the base model), for the record.
         shots: ``num_fewshot`` (None: the task's own default).
         limit: first ``limit`` documents.
-        batch_size: lm-eval batch size.
         include_path: folder of custom task YAMLs.
         metric: primary metric key such as "acc_norm,none".
         max_new_tokens: ``max_gen_toks`` of generation tasks.
         manager: a ``TaskManager`` to reuse.
-
-    Returns:
-        ``{"rank", "value", "n", "seconds", "metric", "metrics"}``.
     """
-    lm_eval, HFLM, _ = _import()
+    lm_eval, _, _ = _import()
     manager = manager or task_manager(task, include_path)
-    hflm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
-    if rank == PRETRAINED:
-        ctx = model.disable_adapter()
-    else:
-        ctx = use_rank(model, rank)
     start = time.perf_counter()
-    with ctx:
-        out = lm_eval.simple_evaluate(
-            model=hflm, tasks=[task], num_fewshot=shots, limit=limit, use_cache=None, cache_requests=False,
-            task_manager=manager, log_samples=True, bootstrap_iters=0,
-            gen_kwargs={"max_gen_toks": max_new_tokens} if max_new_tokens else None)
+    out = lm_eval.simple_evaluate(
+        model=lm, tasks=[task], num_fewshot=shots, limit=limit, use_cache=None, cache_requests=False,
+        task_manager=manager, log_samples=True, bootstrap_iters=0,
+        gen_kwargs={"max_gen_toks": max_new_tokens} if max_new_tokens else None)
     seconds = time.perf_counter() - start
     task_results = out["results"][task]
     key = pick_metric(task_results, metric)
@@ -118,9 +157,10 @@ def evaluate_rank(model, tokenizer, task: str, rank: int, shots: int | None = No
 
 
 def _sample(logged: dict) -> dict:
-    """One lm-eval logged sample, JSON-ready: the prompt, the filtered responses and the per-doc metrics."""
+    """One lm-eval logged sample, JSON-ready: the prompt, the raw and filtered responses and the per-doc metrics."""
     arguments = logged.get("arguments") or [[""]]
     sample = {"doc_id": logged.get("doc_id"), "filter": logged.get("filter"), "prompt": arguments[0][0],
-              "target": logged.get("target"), "filtered_resps": logged.get("filtered_resps")}
+              "target": logged.get("target"), "resps": logged.get("resps"),
+              "filtered_resps": logged.get("filtered_resps")}
     sample.update({m: logged.get(m) for m in logged.get("metrics", [])})
     return json.loads(json.dumps(sample, default=str))

@@ -20,7 +20,7 @@ from ..rundir import TRAIN_CONFIG, WEIGHTS, default_eval_dir, read_train_config
 from ..selection import matryoshka_state
 from ..training.config import DATA_KEYS, TrainConfig
 from .backends import backend_for
-from .engine import EngineBackend, engine_url, run_tokenizer
+from .engine import engine_backend, engine_url, run_tokenizer
 from .generate import PRETRAINED
 from .results import load_done, save_record, settings_hash, summarize
 from .spec import EvalSpec
@@ -46,9 +46,9 @@ def evaluate_run(run_dir: str, spec: EvalSpec | None = None, model_and_tokenizer
     spec.check()
     config, ranks = check_run(run_dir, spec.ranks)
     read_as, config = _read_as(config, spec.inference)
-    if spec.engine and (read_as or spec.lm_eval_task):
-        raise UserError("--engine evaluates the ranks `serve` exports: the built-in tasks under the run's own rule; "
-                        "leave out --inference and lm-eval: tasks, or --engine")
+    if spec.engine and read_as:
+        raise UserError("--engine evaluates the ranks `serve` exports, under the run's own rule; leave out "
+                        "--inference or --engine")
     train_config = read_train_config(run_dir)
     if not spec.task and spec.data_options is None:  # the run's data, read as it was trained on
         spec = spec.replace(data_options=run_data_options(train_config))
@@ -61,7 +61,7 @@ def evaluate_run(run_dir: str, spec: EvalSpec | None = None, model_and_tokenizer
                         "give --task gsm8k, arithmetic, a JSONL file or lm-eval:<task>")
     settings = spec.settings(train_config.get("model_path") or train_config.get("model"),
                              file_digest(os.path.join(run_dir, WEIGHTS)), read_as)
-    backend = EngineBackend(spec) if spec.engine else backend_for(spec)
+    backend = engine_backend(spec) if spec.engine else backend_for(spec)
     hashes = {k: settings_hash(settings, backend.items, with_adapter=k != PRETRAINED) for k in [PRETRAINED] + ranks}
     records = {k: r for k in hashes if (r := load_done(spec.output_dir, k, hashes[k])) is not None}
     pending = [k for k in [PRETRAINED] + ranks if k not in records]
