@@ -26,7 +26,9 @@ from .svd import svd_adapter
 from .training import TrainConfig, build_config, train
 
 SVD = "lora-svd"
-ALL_METHODS = METHOD_NAMES + (SVD,)
+SVD_TUNED = "lora-svd-dylora"  # LoRA, re-factored by SVD, then a short DyLoRA phase from there (issue 20)
+TUNE_SHARE = 0.15  # the DyLoRA phase's share of the steps: the two phases together take the others' steps
+ALL_METHODS = METHOD_NAMES + (SVD, SVD_TUNED)
 DEFAULT_METHODS = "dylora,matryoshka,lora,lora-svd"
 DEFAULT_SEEDS = "42,666,2408"  # the paper's
 
@@ -68,6 +70,25 @@ def _complete_with_same_config(run_dir: str, config) -> bool:
     # a key the saved config lacks was added by a later version: the run used what is now its default
     defaults = TrainConfig()
     return all((saved[k] if k in saved else getattr(defaults, k)) == v for k, v in wanted.items())
+
+
+def tuned_svd_run(file_values: dict, overrides: dict, seed: int, run_dir: str, source: str) -> str:
+    """``lora-svd-dylora`` into ``run_dir``: plain LoRA for (1 - TUNE_SHARE) of max_steps (``run_dir-lora``), its
+    SVD re-factoring (``run_dir-svd``), then DyLoRA from that adapter for the rest of the steps (scaling "none", as
+    the re-factored weights are), so the whole costs what one run of max_steps costs.
+
+    Raises:
+        UserError: the config trains by epochs (max_steps -1): the phases are counted in steps.
+    """
+    steps = build_config(file_values, {**overrides, "output_dir": run_dir}, source=source).max_steps
+    if steps < 2:
+        raise UserError(f"{SVD_TUNED} splits max_steps between its phases; give max_steps >= 2, not {steps}")
+    tune = max(1, round(TUNE_SHARE * steps))
+    lora = train_or_reuse(file_values, {**overrides, "max_steps": steps - tune}, "lora", seed, run_dir + "-lora",
+                          source)
+    svd = make_svd_run(lora, run_dir + "-svd")
+    return train_or_reuse(file_values, {**overrides, "max_steps": tune, "scaling": "none",
+                                        "init_adapter": os.path.abspath(svd)}, "dylora", seed, run_dir, source)
 
 
 def make_svd_run(lora_run: str, run_dir: str) -> str:
@@ -183,18 +204,20 @@ def compare(config_path: str | None, methods: list[str], seeds: list[int], outpu
     for key in ("method", "seed", "output_dir"):
         file_values.pop(key, None)
     build_config(file_values, {**overrides, "output_dir": output_dir}, source=config_path or "command line")
-    trained = [m for m in methods if m != SVD]
+    trained = [m for m in methods if m not in (SVD, SVD_TUNED)]
     if SVD in methods and "lora" not in trained:
         trained.append("lora")
     started = time.perf_counter()
     results, first_eval = {m: {} for m in methods}, pretrained_from
     for seed in seeds:
-        for m in trained + ([SVD] if SVD in methods else []):
+        for m in trained + [m for m in (SVD, SVD_TUNED) if m in methods]:
             run_dir = os.path.join(output_dir, m, f"seed-{seed}")
             print(f"\n=== matryoshka-lora compare: {m}, seed {seed} ===", flush=True)
             if m == SVD:
                 make_svd_run(results.get("lora", {}).get(seed, {}).get("run_dir") or
                              os.path.join(output_dir, "lora", f"seed-{seed}"), run_dir)
+            elif m == SVD_TUNED:
+                tuned_svd_run(file_values, overrides, seed, run_dir, config_path or "command line")
             else:
                 train_or_reuse(file_values, overrides, m, seed, run_dir, config_path or "command line")
             if m not in methods:  # the lora run lora-svd was made from: nobody asked for its scores

@@ -43,7 +43,8 @@ class MatryoshkaConfig:
         method: a name in ``methods.METHODS``: "dylora" (the default: one sampled rank k per step),
             "matryoshka" (the paper: y = W0x + B(P ⊙ Ax)), "lora" (s_R·BAx), "matryoshka-exact" (the multi-rank
             objective Σ_r λ_r ℓ(W0 + s_r A_r B_r), batch stacked across the train ranks) or "sandwich" (the loss at
-            R, at the smallest rank and at ``sandwich_n`` sampled ranks, stacked the same way).
+            R, at the smallest rank and at ``sandwich_n`` sampled ranks, stacked the same way); the candidates
+            "distill", "dylora-distill" and "dylora-frozen" are described in ``methods.py``.
         target_modules: module names, a regex (full match, as PEFT) or "all-linear".
         lora_dropout: dropout on the adapter input, as PEFT.
         init: "peft" (PEFT's kaiming-uniform of A, bound 1/sqrt(in)) or "paper" (bound 1/sqrt(R), the authors').
@@ -54,7 +55,9 @@ class MatryoshkaConfig:
             weights of the multi-rank loss of "matryoshka-exact".
         inference: "paper" (rank k is s_k·A_k B_k) or "prefix" (rank k is the truncation of the trained
             function, Σ_{i<=k} P_i b_i a_iᵀ, so rank R equals the training forward; matryoshka and lora only).
-        sandwich_n: how many ranks "sandwich" samples between the smallest and the largest each step.
+        sandwich_n: how many ranks "sandwich" (and "distill") samples between the smallest and the largest each step.
+        dylora_probs: the draw's probability of each rank DyLoRA samples from (``dylora_ranks``), normalised; None:
+            uniform (the DyLoRA paper's).
 
     Raises:
         ValueError: listing every invalid field at once.
@@ -78,6 +81,8 @@ class MatryoshkaConfig:
     inference: str = key("paper", "what rank k means: paper (s_k·A_k B_k) or prefix (the trained function "
                          "truncated to k, so rank R is the training forward; matryoshka and lora only)", "str")
     sandwich_n: int = key(2, "sandwich: ranks sampled between the smallest and the largest each step", "int")
+    dylora_probs: list[float] | None = key(None, "dylora methods: the probability of drawing each rank DyLoRA "
+                                           "samples from, e.g. 0.4,0.3,0.2,0.1 (default: uniform)", "floats?")
 
     def __post_init__(self):
         if isinstance(self.train_ranks, tuple):
@@ -139,7 +144,23 @@ class MatryoshkaConfig:
                        f"function), not {self.method!r}")
         if isinstance(self.sandwich_n, bool) or not isinstance(self.sandwich_n, int) or self.sandwich_n < 0:
             out.append(f"sandwich_n={self.sandwich_n!r} is not valid; give an integer >= 0")
-        return out
+        return out + self._draw_problems()
+
+    def _draw_problems(self) -> list[str]:
+        probs = self.dylora_probs
+        if probs is None:
+            return []
+        if not isinstance(probs, (list, tuple)) or not all(
+                isinstance(x, (int, float)) and not isinstance(x, bool) and x >= 0 for x in probs) or not any(probs):
+            return [f"dylora_probs={probs!r} is not valid; give one non-negative number per rank drawn, not all zero"]
+        try:
+            n = len(self.dylora_choices())
+        except (TypeError, ValueError):
+            return []  # the ranks themselves are invalid: reported above
+        if len(probs) != n:
+            return [f"dylora_probs has {len(probs)} entries but DyLoRA draws from {n} ranks "
+                    f"(dylora_ranks={self.dylora_ranks!r}); give one per rank"]
+        return []
 
     def read_as(self, inference: str | None) -> "MatryoshkaConfig":
         """This config under another inference rule (None: unchanged). The trained weights do not depend on it,
@@ -168,7 +189,9 @@ class MatryoshkaConfig:
         return p_vector(self.rank, self.train_ranks, self.scaling, self.lambdas())
 
     def dylora_choices(self) -> list[int]:
-        return list(self.train_ranks) if self.dylora_ranks == "train" else list(range(1, self.rank + 1))
+        if self.dylora_ranks == "train":
+            return sorted(self.train_ranks if self.train_ranks is not None else default_train_ranks(self.rank))
+        return list(range(1, self.rank + 1))
 
     @property
     def method_record(self):

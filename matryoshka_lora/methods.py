@@ -16,6 +16,19 @@ With P = Σ_{r∈S} λ_r s_r 1[:r] (Algorithm 1), s_r the rank scale and λ_r th
     lora              g = s_R 1                      plain LoRA
     matryoshka-exact  Σ_{r∈S} λ_r ℓ(rank r)           the multi-rank objective itself, stacked
     sandwich          Σ_{r∈D} λ ℓ(rank r)             D = {min S, max S} ∪ sandwich_n drawn from the rest
+    distill           λ ℓ(R) + Σ_{r∈D, r<R} λ KL(p_R ‖ p_r)   sandwich's draw; the smaller ranks learn rank R's
+                                                     detached distribution (in-place distillation, [1])
+    dylora-distill    λ ℓ(R) + λ KL(p_R ‖ p_k)        one drawn rank k, stacked with R (two passes of work)
+    dylora-frozen     dylora's gate and draw; only the slice new at k (rows j of A, columns j of B with
+                      k' < j <= k, k' the next smaller rank drawn from) is trained that step: the DyLoRA
+                      paper's update [2] (ours trains the whole prefix 1..k)
+
+``dylora_probs`` replaces the uniform draw of the dylora methods by given probabilities.
+
+[1] Yu & Huang, "Universally Slimmable Networks and Improved Training Techniques", ICCV 2019 (the sandwich rule
+    and in-place distillation); Cai et al., "Once-for-All", ICLR 2020.
+[2] Valipour et al., "DyLoRA: Parameter-Efficient Tuning of Pre-trained Models using Dynamic Search-Free Low-Rank
+    Adaptation", EACL 2023 (its "frozen" mode).
 
 Adding a method: one ``Method`` in ``METHODS`` (and its row in the tests' method table).
 """
@@ -38,6 +51,8 @@ class Method:
     stacked: Callable | None = None  # (config, drawn) -> (ranks, λ) of the stacked loss; None: the model's loss
     prefix: bool = False  # trains one function that inference "prefix" truncates
     plain: bool = False  # trains plain rank-R LoRA: merging in training mode merges rank R; svd can nest it
+    distill: bool = False  # stacked ranks below R learn rank R's detached distribution (KL), R the labels
+    frozen_prefix: bool = False  # only the slice new at the drawn rank is trained (``frozen_width``)
 
 
 def full_rank_gate(config, drawn=None) -> torch.Tensor:
@@ -47,7 +62,22 @@ def full_rank_gate(config, drawn=None) -> torch.Tensor:
 
 def _draw_one(config, generator) -> int:
     choices = config.dylora_choices()
-    return choices[int(torch.randint(len(choices), (1,), generator=generator).item())]
+    if config.dylora_probs is None:  # the uniform draw as it always was: old runs resume with the same ranks
+        return choices[int(torch.randint(len(choices), (1,), generator=generator).item())]
+    probs = torch.tensor(config.dylora_probs, dtype=torch.float64)
+    return choices[int(torch.multinomial(probs, 1, generator=generator).item())]
+
+
+def _with_teacher(config, k) -> tuple[list[int], list[float]]:
+    """Rank k (the draw; R before one) stacked with R, the teacher."""
+    ranks = sorted({k or config.rank, config.rank})
+    return ranks, uniform_weights(len(ranks), config.p_normalize)
+
+
+def frozen_width(config, k: int | None) -> int:
+    """How many leading slices a step at rank k leaves untrained (``frozen_prefix``): those of the next smaller
+    rank drawn from (0 at the smallest, and before a draw)."""
+    return max((c for c in config.dylora_choices() if c < k), default=0) if k else 0
 
 
 def _draw_sandwich(config, generator) -> list[int]:
@@ -75,6 +105,14 @@ METHODS: dict[str, Method] = {m.name: m for m in (
            "train ranks", gate=full_rank_gate, stacked=lambda c, _: (list(c.train_ranks), c.lambdas())),
     Method("sandwich", "the loss at R, at the smallest rank and at sandwich_n drawn ranks, stacked",
            gate=full_rank_gate, draw=_draw_sandwich, stacked=_sandwich_objective),
+    Method("distill", "in-place distillation: rank R on the labels, the smallest rank and sandwich_n drawn ranks "
+           "on the KL to rank R's detached output, stacked", gate=full_rank_gate, draw=_draw_sandwich,
+           stacked=_sandwich_objective, distill=True),
+    Method("dylora-distill", "one drawn rank k per step on the KL to rank R's detached output, R on the labels, "
+           "stacked (two passes of work)", gate=full_rank_gate, draw=_draw_one, stacked=_with_teacher,
+           distill=True),
+    Method("dylora-frozen", "DyLoRA with its paper's update: only the slice new at the drawn rank k is trained",
+           gate=lambda c, k: rank_gate(c.rank, k or c.rank, c.scaling), draw=_draw_one, frozen_prefix=True),
 )}
 METHOD_NAMES = tuple(METHODS)
 PREFIX_METHODS = tuple(name for name, m in METHODS.items() if m.prefix)

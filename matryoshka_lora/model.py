@@ -34,6 +34,7 @@ from . import fused
 from .config import CONFIG_NAME, MatryoshkaConfig
 from .errors import InvalidInput
 from .files import move_contents
+from .methods import frozen_width
 from .fused import GATE
 from .selection import (MatryoshkaState, apply_gates, inference_gate, matryoshka_state, sample_rank, set_fused,
                         set_rank, step_objective, use_rank)
@@ -173,7 +174,28 @@ def _attach(peft_model, config: MatryoshkaConfig, adapter_name: str) -> Matryosh
     peft_model.matryoshka = state
     peft_model.save_pretrained = types.MethodType(_save_pretrained, peft_model)
     apply_gates(state)
+    if config.method_record.frozen_prefix:
+        _freeze_prefix(state)
     return state
+
+
+def _freeze_prefix(state: MatryoshkaState) -> None:
+    """Gradient hooks zeroing the slices a step leaves untrained (``methods.frozen_width`` of this step's draw): rows
+    of ``lora_A`` (R, in) and columns of ``lora_B`` (out, R). Zeroed before clipping and the optimizer, as the DyLoRA
+    paper's detached prefix (its optimizer state still moves them, as there)."""
+    def masked(dim: int):
+        def hook(grad):
+            width = frozen_width(state.config, state.drawn)
+            if not width:
+                return grad
+            grad = grad.clone()
+            grad.narrow(dim, 0, width).zero_()
+            return grad
+        return hook
+
+    for module in state.layers.values():
+        module.lora_A[state.adapter_name].weight.register_hook(masked(0))
+        module.lora_B[state.adapter_name].weight.register_hook(masked(1))
 
 
 def _gate_hook(lora_B, args):

@@ -1,4 +1,5 @@
-"""The multi-rank objective Σ_r λ_r ℓ(W0 + s_r A_r B_r) in one forward/backward pass.
+"""The multi-rank objective Σ_r λ_r ℓ(W0 + s_r A_r B_r) in one forward/backward pass (``distill`` methods: ℓ at
+the largest rank, KL to its detached distribution at the others).
 
 The batch is stacked across the ranks, (|S|·B, T), with one per-example rank per copy, so the cost is one pass
 over |S| times the tokens instead of |S| passes.
@@ -47,6 +48,9 @@ def multi_rank_losses(model, input_ids, labels, attention_mask=None, ranks=None,
     target = labels[:, 1:]  # (B, T-1)
     token_loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), target.repeat(n, 1).flatten(),
                                  ignore_index=-100, reduction="none").view(n, B, -1)  # (n, B, T-1)
+    if config.method_record.distill and n > 1:
+        token_loss = distilled(logits.view(n, B, *logits.shape[1:])[:, :, :-1], token_loss, target != -100,
+                               ranks.index(max(ranks)))
     count = (target != -100).sum().clamp(min=1) if num_items_in_batch is None else num_items_in_batch
     per_rank = token_loss.sum(dim=(1, 2)) / count  # (n,)
     w = torch.tensor(weights, dtype=per_rank.dtype, device=per_rank.device)
@@ -58,3 +62,26 @@ def multi_rank_loss(model, input_ids, labels, attention_mask=None, ranks=None, w
     """Σ_r λ_r ℓ(W0 + s_r A_r B_r) in one stacked pass; see ``multi_rank_losses``."""
     return multi_rank_losses(model, input_ids, labels, attention_mask, ranks, weights, num_items_in_batch,
                              position_ids)[0]
+
+
+def distilled(logits, token_loss, mask, teacher: int):
+    """In-place distillation: every copy's token loss but the teacher's replaced by KL(p_teacher ‖ p_copy), the
+    teacher's distribution detached, on the answer tokens (``mask``), so the smaller ranks learn what rank R
+    predicts while R alone learns the labels.
+
+    Args:
+        logits: (n, B, T-1, V) the stacked copies' next-token logits.
+        token_loss: (n, B, T-1) cross-entropy per token (0 off the answer).
+        mask: (B, T-1) True on answer tokens.
+        teacher: the index of the teacher's copy (the largest rank).
+
+    Returns:
+        (n, B, T-1) the loss per token: cross-entropy for the teacher, KL for the others.
+    """
+    log_p = F.log_softmax(logits[:, mask].float(), dim=-1)  # (n, M, V), M answer tokens
+    target = log_p[teacher].detach()  # (M, V)
+    kl = (target.exp() * (target - log_p)).sum(-1)  # (n, M)
+    out = torch.zeros_like(token_loss)
+    out[:, mask] = kl.to(out.dtype)
+    out[teacher] = token_loss[teacher]
+    return out

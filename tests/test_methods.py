@@ -46,6 +46,11 @@ CASES = [
     MethodCase("matryoshka-exact", {"method": "matryoshka-exact", "p_normalize": True}),
     MethodCase("sandwich", {"method": "sandwich", "sandwich_n": 1, "scaling": "sqrt", "p_normalize": True}),
     MethodCase("lora-svd", {"method": "lora", "scaling": "sqrt"}, svd=True),
+    MethodCase("distill", {"method": "distill", "sandwich_n": 1, "scaling": "sqrt"}),
+    MethodCase("dylora-distill", {"method": "dylora-distill", "scaling": "rank", "p_normalize": True}),
+    MethodCase("dylora-frozen", {"method": "dylora-frozen", "scaling": "rank"}),
+    MethodCase("dylora-frozen-weighted", {"method": "dylora-frozen", "train_ranks": [1, 2, 4],
+                                          "dylora_probs": [0.5, 0.25, 0.25]}),
 ]
 IDS = [c.name for c in CASES]
 RANKS = [1, 2, 4, 8]
@@ -57,7 +62,7 @@ def test_every_method_has_a_case():
 
 def trained(case: MethodCase, directory, kind="qwen2", steps=3):
     """(model, folder): the case's adapter after ``steps`` AdamW steps of its objective, saved to ``directory``."""
-    config = MatryoshkaConfig(rank=8, train_ranks=RANKS, **case.config)
+    config = MatryoshkaConfig(**{"rank": 8, "train_ranks": RANKS, **case.config})
     model = randomize_(get_matryoshka_model(tiny_model(kind, VOCAB), config))
     model.train()
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
@@ -152,11 +157,15 @@ TRAIN = ["--model", FIXTURE_BASE, "--data", "arithmetic", "--max_examples", "24"
          "--learning_rate", "0.01", "--warmup_steps", "0", "--use_cpu", "--seed", "2"]
 
 
+def cli_args(config: dict) -> list[str]:
+    """A case's config as `train` options (lists comma-joined)."""
+    return [f"--{k}={','.join(map(str, v)) if isinstance(v, list) else v}" for k, v in config.items()]
+
+
 @pytest.mark.parametrize("case", [c for c in CASES if c.trainable], ids=[c.name for c in CASES if c.trainable])
 def test_resume_from_a_checkpoint_is_exact(case, tmp_path, one_thread):
     straight = str(tmp_path / "straight")
-    method = ["--method", case.config["method"]] + (["--sandwich_n", "1"] if case.name == "sandwich" else [])
-    assert main(["train", *TRAIN, *method, "--output_dir", straight]) == 0
+    assert main(["train", *TRAIN, *cli_args(case.config), "--output_dir", straight]) == 0
     resumed = str(tmp_path / "resumed")  # the run as it was at its step-2 checkpoint, interrupted
     shutil.copytree(straight, resumed)
     for name in os.listdir(resumed):
@@ -194,19 +203,26 @@ def prefix_gate(R: int, k: int, value: float) -> torch.Tensor:
     return torch.tensor([value if i < k else 0.0 for i in range(R)])
 
 
-def hand_losses(config: dict, R: int, S: list[int], drawn) -> list[tuple[float, torch.Tensor]]:
-    """(λ, gate) of each term of a step's training loss, written from the paper and the methods' definitions."""
+def hand_losses(config: dict, R: int, S: list[int], drawn) -> list[tuple[float, torch.Tensor, bool]]:
+    """(λ, gate, whether the term is the KL to rank R's detached distribution instead of the labels' loss) of each
+    term of a step's training loss, written from the paper and the methods' definitions."""
     s = config.get("scaling", "none")
     method = config["method"]
     if method == "matryoshka":  # Algorithm 1: P_i = Σ_{r ∈ S, r ≥ i} s_r
-        return [(1.0, torch.tensor([sum(scale(r, s) for r in S if r >= i) for i in range(1, R + 1)]))]
+        return [(1.0, torch.tensor([sum(scale(r, s) for r in S if r >= i) for i in range(1, R + 1)]), False)]
     if method == "lora":
-        return [(1.0, prefix_gate(R, R, scale(R, s)))]
-    if method == "dylora":  # rank k of this step
-        return [(1.0, prefix_gate(R, drawn, scale(drawn, s)))]
-    ranks = S if method == "matryoshka-exact" else drawn  # sandwich: min S, max S and the drawn ones
+        return [(1.0, prefix_gate(R, R, scale(R, s)), False)]
+    if method in ("dylora", "dylora-frozen"):  # rank k of this step
+        return [(1.0, prefix_gate(R, drawn, scale(drawn, s)), False)]
+    if method == "matryoshka-exact":
+        ranks = S
+    elif method == "dylora-distill":  # the drawn rank and R
+        ranks = sorted({drawn, R})
+    else:  # sandwich, distill: min S, max S and the drawn ones
+        ranks = drawn
     lam = 1.0 / len(ranks) if config.get("p_normalize") else 1.0
-    return [(lam, prefix_gate(R, r, scale(r, s))) for r in ranks]
+    distill = method in ("distill", "dylora-distill")
+    return [(lam, prefix_gate(R, r, scale(r, s)), distill and r != R) for r in ranks]
 
 
 def hand_trained(case: MethodCase, recorder: Recorder, lr: float, R: int = 4):
@@ -227,14 +243,28 @@ def hand_trained(case: MethodCase, recorder: Recorder, lr: float, R: int = 4):
     optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=lr)
     model.train()
     for batch, count, drawn in recorder.steps:
-        loss = 0.0
-        for lam, g in hand_losses(case.config, R, S, drawn):
+        loss, answer = 0.0, batch["labels"][:, 1:] != -100
+
+        def forward(g):
             gate["g"] = g
-            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-            token_loss = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), batch["labels"][:, 1:].flatten(),
-                                                           ignore_index=-100, reduction="sum")
+            return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
+
+        teacher = torch.log_softmax(forward(prefix_gate(R, R, s_R)).detach()[answer], -1)  # rank R, (M, V)
+        for lam, g, from_teacher in hand_losses(case.config, R, S, drawn):
+            logits = forward(g)
+            if from_teacher:  # Σ over answer tokens of KL(p_R ‖ p_r)
+                student = torch.log_softmax(logits[answer], -1)
+                token_loss = (teacher.exp() * (teacher - student)).sum()
+            else:
+                token_loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), batch["labels"][:, 1:].flatten(),
+                                                               ignore_index=-100, reduction="sum")
             loss = loss + lam * token_loss / count
         loss.backward()
+        if case.config["method"] == "dylora-frozen":  # only slices k' < j <= k train, k' the next smaller rank
+            frozen = max((r for r in S if r < drawn), default=0)
+            for name, p in model.named_parameters():
+                if p.requires_grad:
+                    (p.grad[:frozen] if "lora_A" in name else p.grad[:, :frozen]).zero_()
         optimizer.step()
         optimizer.zero_grad()
     return {k: v.detach() for k, v in model.named_parameters() if v.requires_grad}
@@ -245,9 +275,12 @@ def hand_draws(case: MethodCase, steps: int, seed: int) -> list:
     generator = torch.Generator().manual_seed(seed)
     S, draws = [1, 2, 4], []
     for _ in range(steps):
-        if case.name == "dylora":  # uniform over the train ranks
+        probs = case.config.get("dylora_probs")
+        if probs:  # the given probabilities
+            draws.append(S[int(torch.multinomial(torch.tensor(probs, dtype=torch.float64), 1, generator=generator))])
+        elif case.config["method"].startswith("dylora"):  # uniform over the train ranks
             draws.append(S[int(torch.randint(len(S), (1,), generator=generator).item())])
-        elif case.name == "sandwich":  # smallest, largest, and sandwich_n of the others without replacement
+        elif case.config["method"] in ("sandwich", "distill"):  # smallest, largest, sandwich_n of the others
             middle = S[1:-1]
             picked = torch.randperm(len(middle), generator=generator)[:case.config["sandwich_n"]].tolist()
             draws.append(sorted({S[0], S[-1], *(middle[i] for i in picked)}))
@@ -266,15 +299,15 @@ def test_train_optimises_the_method_it_was_given(case, tmp_path, one_thread):
     as one forward per rank. Breaks it catches (each tried on a scratch copy): the matryoshka record's gate
     replaced by lora's (``full_rank_gate``), P summed over r <= i instead of r >= i, dylora's gate ignoring the
     draw (rank R every step), the stacked methods trained by the model's own loss (``stacked=None``), sandwich
-    weights not normalised under p_normalize. One step could not tell the gates apart (from B = 0, A gets no
+    weights not normalised under p_normalize, distill and dylora-distill trained on the labels at every rank
+    (``distill=False``), dylora-frozen without its gradient hooks, dylora_probs ignored by the draw. One step could not tell the gates apart (from B = 0, A gets no
     gradient and AdamW's first step is lr·sign(grad)), hence three; SGD, because AdamW's lr·m/√v turns the
     last-bit differences of a stacked vs a per-rank forward into 1e-6 steps where a gradient is near zero.
     """
     lr = 0.5
-    argv = [*TRAIN, "--method", case.config["method"], "--max_steps", "3", "--save_steps", "0", "--optim", "sgd",
+    argv = [*TRAIN, "--max_steps", "3", "--save_steps", "0", "--optim", "sgd",
             "--lr_scheduler_type", "constant", "--max_grad_norm", "0", "--learning_rate", str(lr),
-            "--output_dir", str(tmp_path / "run")]
-    argv += [f"--{k}={v}" for k, v in case.config.items() if k != "method"]
+            "--output_dir", str(tmp_path / "run"), *cli_args(case.config)]
     recorder = {}
 
     def run(a):

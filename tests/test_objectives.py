@@ -24,6 +24,10 @@ def test_normalised_and_general_weights():
     ({"method": "dylora", "inference": "prefix"}, "inference='prefix' needs method matryoshka or lora"),
     ({"inference": "suffix"}, "inference='suffix'"),
     ({"method": "sandwich", "sandwich_n": -1}, "sandwich_n=-1"),
+    ({"dylora_probs": [0.5, 0.5]}, r"dylora_probs has 2 entries but DyLoRA draws from 4 ranks \(dylora_ranks='train'\)"),
+    ({"dylora_probs": [1] * 4, "dylora_ranks": "all"}, "DyLoRA draws from 8 ranks"),
+    ({"dylora_probs": [1, -1, 1, 1]}, r"dylora_probs=\[1, -1, 1, 1\] is not valid; give one non-negative"),
+    ({"dylora_probs": [0, 0, 0, 0]}, "not all zero"),
 ])
 def test_bad_objective_config(kwargs, match):
     with pytest.raises(ValueError, match=match):

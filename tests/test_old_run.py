@@ -135,5 +135,5 @@ def test_old_config_retrains_to_the_old_adapter(old_run):
     assert [k for k in after if k in before] == list(before)  # the same keys, in the same order
     from matryoshka_lora.training.config import DATA_KEYS, TrainConfig  # and the keys added since, at their defaults
 
-    added = DATA_KEYS + ("packing", "quantization")
+    added = DATA_KEYS + ("packing", "quantization", "dylora_probs", "init_adapter")
     assert {k: after[k] for k in after if k not in before} == {k: getattr(TrainConfig(), k) for k in added}

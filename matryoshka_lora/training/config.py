@@ -12,6 +12,7 @@ from ..base_models import DTYPES, quantization_problem
 from ..config import MatryoshkaConfig, key
 from ..formats import DATA_FORMATS, columns_problem
 from ..errors import UserError
+from .init_adapter import init_problem
 from .kinds import coerce_kind
 from .sharding import sharding_problems
 
@@ -85,6 +86,8 @@ class TrainConfig(MatryoshkaConfig):
     report_to: str = key("none", "where else to log: none, tensorboard, wandb, all (comma-separated)", "str")
     overwrite: bool = key(False, "replace a run already in output_dir", "bool")
     resume: bool = key(False, "continue the run in output_dir from its latest checkpoint", "bool")
+    init_adapter: str | None = key(None, "start from this saved adapter's weights (same rank, scaling and "
+                                   "layers), e.g. a `matryoshka-lora svd` output to fine-tune nested", "str?")
 
     def __post_init__(self):
         pass  # checked by validate(), after coercion: a config built from text holds strings until then
@@ -153,6 +156,8 @@ def run_problems(c: TrainConfig) -> list[str]:
         out.append(f"save_total_limit={c.save_total_limit!r} is not valid; give an integer >= 1 or none")
     out += [f"{k}={getattr(c, k)!r} is not valid; give a number >= 0"
             for k in ("warmup_steps", "weight_decay", "max_grad_norm", "dataloader_num_workers") if getattr(c, k) < 0]
+    if problem := init_problem(c.init_adapter):
+        out.append(problem)
     if c.dtype not in DTYPES:
         out.append(f"dtype={c.dtype!r} is not valid; choose one of {', '.join(DTYPES)}")
     if problem := quantization_problem(c.quantization):

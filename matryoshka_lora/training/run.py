@@ -33,6 +33,7 @@ from ..rundir import (CHECKPOINTS, COMPLETE, TRAIN_CONFIG, check_disk, check_out
                       save_final, start_run)
 from .budget import check_memory
 from .config import TrainConfig, default_output_dir
+from .init_adapter import load_init_adapter
 from .sharding import FSDP1_REFUSED, sharding_args
 from .trainer import BarCallback, MatryoshkaTrainer, RankCallback, SignalCallback
 
@@ -98,6 +99,8 @@ def prepare(config: TrainConfig, trainer_class: type) -> Prepared:
         with warnings.catch_warnings():  # PEFT asks a deprecated transformers property
             warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
             model = get_matryoshka_model(model, mconfig)
+        if config.init_adapter:
+            load_init_adapter(model, config.init_adapter)
     except ValueError as e:
         raise UserError(str(e)) from None
     check_disk(run_dir, sum(p.numel() * 4 for p in model.parameters() if p.requires_grad), config)
