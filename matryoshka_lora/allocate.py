@@ -28,7 +28,6 @@ deterministic given the calibration set (which the seed draws).
 """
 import dataclasses
 
-
 from .errors import InvalidInput
 from .profile_scores import drop_scores, full_params, measure, module_costs, taylor_scores
 from .selection import matryoshka_state
