@@ -147,7 +147,21 @@ def tiny_run(tiny_llama_dir, tmp_path_factory):
     return out
 
 
-def test_allocate_command_writes_profiles_that_stock_peft_loads(tiny_run, tiny_llama_dir, capsys, one_thread):
+@pytest.fixture(scope="module")
+def svd_run(tiny_llama_dir, tmp_path_factory):
+    """A plain LoRA run re-factored by `svd` (nested too, scaling "none")."""
+    out = str(tmp_path_factory.mktemp("alloc-svd") / "lora")
+    assert cli.main(["train", "--model", tiny_llama_dir, "--method", "lora", "--max_examples", "16", "--batch_size",
+                     "4", "--max_length", "96", "--max_steps", "4", "--save_steps", "0", "--learning_rate", "0.01",
+                     "--warmup_steps", "0", "--output_dir", out]) == 0
+    assert cli.main(["svd", out, "--output_dir", out + "-svd"]) == 0
+    return out + "-svd"
+
+
+@pytest.mark.parametrize("run", ["tiny_run", "svd_run"])
+def test_allocate_command_writes_profiles_that_stock_peft_loads(run, tiny_llama_dir, capsys, one_thread, request):
+    """A DyLoRA run and a `svd` output: every profile loads in stock PEFT and computes ``use_rank(profile)``."""
+    tiny_run = request.getfixturevalue(run)
     assert cli.main(["allocate", tiny_run, "--budgets", "0.25,0.5", "--limit", "8", "--refine", "1",
                      "--eval_limit", "8"]) == 0
     printed = capsys.readouterr().out

@@ -231,7 +231,7 @@ def test_served_ranks_complete_as_generate_and_eval_scores_as_builtin(smol_run, 
         builtin = evaluate_run(smol_run, output_dir=str(tmp_path / "hf"), model_and_tokenizer=(model, tokenizer),
                                **common)
         tasks = lm_eval_tasks(tmp_path)
-        lm_eval = dict(common, ranks=[8], include_path=tasks, shots=0)  # and the base: two names to tell apart
+        lm_eval = dict(common, limit=2, ranks=[8], include_path=tasks, shots=0)  # and the base: two names to tell apart
         in_process = {t: evaluate_run(smol_run, task=f"lm-eval:{t}", output_dir=str(tmp_path / f"hf-{t}"),
                                       model_and_tokenizer=(model, tokenizer), **lm_eval) for t in LM_EVAL_TASKS}
         del model
