@@ -46,11 +46,11 @@ def multi_rank_losses(model, input_ids, labels, attention_mask=None, ranks=None,
     with use_rank(model, per_example):
         logits = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False).logits  # (n·B, T, V)
     target = labels[:, 1:]  # (B, T-1)
-    token_loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), target.repeat(n, 1).flatten(),
-                                 ignore_index=-100, reduction="none").view(n, B, -1)  # (n, B, T-1)
     if config.method_record.distill and n > 1:
-        token_loss = distilled(logits.view(n, B, *logits.shape[1:])[:, :, :-1], token_loss, target != -100,
-                               ranks.index(max(ranks)))
+        token_loss = distilled(logits.view(n, B, *logits.shape[1:])[:, :, :-1], target, ranks.index(max(ranks)))
+    else:
+        token_loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), target.repeat(n, 1).flatten(),
+                                     ignore_index=-100, reduction="none").view(n, B, -1)  # (n, B, T-1)
     count = (target != -100).sum().clamp(min=1) if num_items_in_batch is None else num_items_in_batch
     per_rank = token_loss.sum(dim=(1, 2)) / count  # (n,)
     w = torch.tensor(weights, dtype=per_rank.dtype, device=per_rank.device)
@@ -64,24 +64,24 @@ def multi_rank_loss(model, input_ids, labels, attention_mask=None, ranks=None, w
                              position_ids)[0]
 
 
-def distilled(logits, token_loss, mask, teacher: int):
-    """In-place distillation: every copy's token loss but the teacher's replaced by KL(p_teacher ‖ p_copy), the
-    teacher's distribution detached, on the answer tokens (``mask``), so the smaller ranks learn what rank R
-    predicts while R alone learns the labels.
+def distilled(logits, target, teacher: int):
+    """In-place distillation: the teacher's copy (the largest rank) scored on the labels, every other copy by
+    KL(p_teacher ‖ p_copy) with the teacher's distribution detached, on the answer tokens, so the smaller ranks
+    learn what rank R predicts while R alone learns the labels.
 
     Args:
         logits: (n, B, T-1, V) the stacked copies' next-token logits.
-        token_loss: (n, B, T-1) cross-entropy per token (0 off the answer).
-        mask: (B, T-1) True on answer tokens.
-        teacher: the index of the teacher's copy (the largest rank).
+        target: (B, T-1) the next tokens, -100 off the answer.
+        teacher: the index of the teacher's copy.
 
     Returns:
-        (n, B, T-1) the loss per token: cross-entropy for the teacher, KL for the others.
+        (n, B, T-1) the loss per token (0 off the answer).
     """
+    mask = target != -100  # (B, T-1)
     log_p = F.log_softmax(logits[:, mask].float(), dim=-1)  # (n, M, V), M answer tokens
-    target = log_p[teacher].detach()  # (M, V)
-    kl = (target.exp() * (target - log_p)).sum(-1)  # (n, M)
-    out = torch.zeros_like(token_loss)
-    out[:, mask] = kl.to(out.dtype)
-    out[teacher] = token_loss[teacher]
+    reference = log_p[teacher].detach()  # (M, V)
+    out = torch.zeros(logits.shape[:3], dtype=log_p.dtype, device=log_p.device)
+    out[:, mask] = (reference.exp() * (reference - log_p)).sum(-1)  # (n, M)
+    out[teacher] = F.cross_entropy(logits[teacher].flatten(0, 1).float(), target.flatten(), ignore_index=-100,
+                                   reduction="none").view_as(target)
     return out

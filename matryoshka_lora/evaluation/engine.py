@@ -73,21 +73,25 @@ def engine_url(run_dir: str, spec, ranks: list[int]):
         yield server.url
 
 
-class EngineBackend(BuiltinBackend):
-    """The built-in tasks, each rank's requests sent to the engine under that rank's model name."""
+class Served:
+    """What both engine backends know of the server: its URL, each rank's model name, its context length."""
 
-    def attach(self, url: str) -> "EngineBackend":
+    def attach(self, url: str):
         self.url = url
         self.names, self.max_length = served_models(url)
         return self
-
-    def groups(self, pending: list[int]) -> list[list[int]]:
-        return [[k] for k in pending]  # the engine batches concurrent requests; one rank per group keeps timings
 
     def model_name(self, k: int) -> str:
         if k not in self.names:
             raise UserError(f"the server at {self.url} has no rank {k} (it serves {sorted(self.names)})")
         return self.names[k]
+
+
+class EngineBackend(Served, BuiltinBackend):
+    """The built-in tasks, each rank's requests sent to the engine under that rank's model name."""
+
+    def groups(self, pending: list[int]) -> list[list[int]]:
+        return [[k] for k in pending]  # the engine batches concurrent requests; one rank per group keeps timings
 
     def run(self, model, tokenizer, group: list[int]) -> dict[int, dict]:
         k, spec = group[0], self.spec
@@ -114,10 +118,8 @@ class EngineBackend(BuiltinBackend):
             return list(tqdm(pool.map(fn, items), total=len(items), desc=what, disable=not self.spec.progress))
 
 
-class EngineLmEvalBackend(LmEvalBackend):
+class EngineLmEvalBackend(Served, LmEvalBackend):
     """An lm-eval task, each rank through lm-eval's ``local-completions`` model under that rank's model name."""
-
-    attach, model_name = EngineBackend.attach, EngineBackend.model_name
 
     def run(self, model, tokenizer, group: list[int]) -> dict[int, dict]:
         s, k = self.spec, group[0]
