@@ -60,6 +60,11 @@ def full_rank_gate(config, drawn=None) -> torch.Tensor:
     return rank_gate(config.rank, config.rank, config.scaling)
 
 
+def _drawn_gate(config, k) -> torch.Tensor:
+    """s_k · 1[:k] for the drawn k (rank R before a draw)."""
+    return rank_gate(config.rank, k or config.rank, config.scaling)
+
+
 def _draw_one(config, generator) -> int:
     choices = config.dylora_choices()
     if config.dylora_probs is None:  # the uniform draw as it always was: old runs resume with the same ranks
@@ -98,7 +103,7 @@ METHODS: dict[str, Method] = {m.name: m for m in (
            prefix=True),
     Method("dylora", "one rank k per optimizer step, drawn from the train ranks (the default: best at equal "
            "compute in docs/results.md)",
-           gate=lambda c, k: rank_gate(c.rank, k or c.rank, c.scaling), draw=_draw_one),  # rank R before a draw
+           gate=_drawn_gate, draw=_draw_one),
     Method("lora", "plain LoRA at rank R (nested afterwards by `matryoshka-lora svd`)", gate=full_rank_gate,
            prefix=True, plain=True),
     Method("matryoshka-exact", "the multi-rank loss Σ_r λ_r ℓ(rank r) itself, the batch stacked across the "
@@ -112,7 +117,7 @@ METHODS: dict[str, Method] = {m.name: m for m in (
            "stacked (two passes of work)", gate=full_rank_gate, draw=_draw_one, stacked=_with_teacher,
            distill=True),
     Method("dylora-frozen", "DyLoRA with its paper's update: only the slice new at the drawn rank k is trained",
-           gate=lambda c, k: rank_gate(c.rank, k or c.rank, c.scaling), draw=_draw_one, frozen_prefix=True),
+           gate=_drawn_gate, draw=_draw_one, frozen_prefix=True),
 )}
 METHOD_NAMES = tuple(METHODS)
 PREFIX_METHODS = tuple(name for name, m in METHODS.items() if m.prefix)

@@ -79,10 +79,15 @@ class LmEvalBackend:
         return [[k] for k in pending]
 
     def run(self, model, tokenizer, group: list[int]) -> dict[int, dict]:
-        s, k = self.spec, group[0]
-        return {k: evaluate_rank(model, tokenizer, s.lm_eval_task, k, shots=s.shots, limit=s.limit,
-                                 batch_size=s.batch_size, include_path=s.include_path, metric=s.metric,
-                                 max_new_tokens=s.max_new_tokens, manager=self.manager)}
+        k = group[0]
+        return {k: evaluate_rank(model, tokenizer, self.spec.lm_eval_task, k, batch_size=self.spec.batch_size,
+                                 **self.options())}
+
+    def options(self) -> dict:
+        """``evaluate_lm``'s options from the spec (both the in-process and the engine path run the task so)."""
+        s = self.spec
+        return dict(shots=s.shots, limit=s.limit, include_path=s.include_path, metric=s.metric,
+                    max_new_tokens=s.max_new_tokens, manager=self.manager)
 
 
 def backend_for(spec: EvalSpec):

@@ -124,8 +124,7 @@ class EngineLmEvalBackend(Served, LmEvalBackend):
     def run(self, model, tokenizer, group: list[int]) -> dict[int, dict]:
         s, k = self.spec, group[0]
         lm = engine_lm(self.url, self.model_name(k), tokenizer, concurrent=s.batch_size, max_length=self.max_length)
-        return {k: evaluate_lm(lm, s.lm_eval_task, k, shots=s.shots, limit=s.limit, include_path=s.include_path,
-                               metric=s.metric, max_new_tokens=s.max_new_tokens, manager=self.manager)}
+        return {k: evaluate_lm(lm, s.lm_eval_task, k, **self.options())}
 
 
 def engine_backend(spec):

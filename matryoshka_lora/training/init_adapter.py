@@ -10,6 +10,7 @@ from peft import set_peft_model_state_dict
 
 from ..adapter_io import read_checked
 from ..errors import AdapterFileError, UserError
+from ..rundir import WEIGHTS
 from ..selection import matryoshka_state
 
 # what must agree besides the layers (checked by their tensors' names): the rank and what the weights mean
@@ -18,7 +19,7 @@ MATCHING = ("rank", "scaling")
 
 def init_problem(path: str | None) -> str | None:
     """A one-line problem with ``init_adapter=path`` found before loading anything, or None."""
-    if path is not None and not os.path.isfile(os.path.join(path, "adapter_model.safetensors")):
+    if path is not None and not os.path.isfile(os.path.join(path, WEIGHTS)):
         return (f"init_adapter={path!r} is not valid; give a folder holding a saved nested adapter "
                 "(adapter_model.safetensors, matryoshka_config.json), e.g. the output of `matryoshka-lora svd`")
     return None
