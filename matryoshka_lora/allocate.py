@@ -158,6 +158,12 @@ def allocate(model, batches: list[dict], budgets: list[int], grid: str = "train"
     Raises:
         InvalidInput: an unknown grid or score, or a budget outside what profiles can use.
     """
+    return search(model, batches, budgets, grid, score, refine, candidates, batch_rows)[0]
+
+
+def search(model, batches: list[dict], budgets: list[int], grid: str = "train", score: str = "drop",
+           refine: int = 3, candidates: int = 8, batch_rows: int = 32) -> tuple[list[Allocation], dict[int, float]]:
+    """``allocate``'s profiles, and the calibration loss of every uniform train rank it measured on the way."""
     if score not in SCORES:
         raise InvalidInput(f"score={score!r} is not valid; choose one of {', '.join(SCORES)}")
     ranks, costs, full = grid_ranks(matryoshka_state(model).config, grid), module_costs(model), full_params(model)
@@ -169,7 +175,8 @@ def allocate(model, batches: list[dict], budgets: list[int], grid: str = "train"
     else:
         scores = drop_scores(model, batches, ranks, batch_rows)
         passes = 1 + sum(len(ranks) - 1 for _ in costs)
-    starts = uniform_starts(scores, matryoshka_state(model).config.train_ranks)
+    train_ranks = list(matryoshka_state(model).config.train_ranks)
+    starts = uniform_starts(scores, train_ranks)  # the uniform ranks on every module come first
     start_losses = measure(model, batches, starts, batch_rows).tolist()
     out = []
     for budget in budgets:
@@ -190,4 +197,4 @@ def allocate(model, batches: list[dict], budgets: list[int], grid: str = "train"
             best = min(range(len(tried)), key=lambda i: (round(losses[i], 6), _params(tried[i], costs)))
             profile, loss = tried[best], losses[best]
         out.append(Allocation(profile, _params(profile, costs), loss, budget, n))
-    return out
+    return out, dict(zip(train_ranks, start_losses))

@@ -15,8 +15,8 @@ import re
 import torch
 
 from .adapter_io import load_run, read_adapter
-from .allocate import allocate, check_budget, grid_ranks
-from .profile_scores import answer_scores, full_params, measure, module_costs
+from .allocate import check_budget, grid_ranks, search
+from .profile_scores import answer_scores, full_params, module_costs
 from .data import load_examples
 from .errors import InvalidInput, UserError
 from .features import Collator, tokenize_examples
@@ -24,7 +24,6 @@ from .files import atomic_dir, write_json, write_text
 from .profiles import A_KEY, B_KEY, KEY_PREFIX, adapted_modules, export_profile
 from .report import plot_profiles
 from .rundir import read_train_config
-from .selection import matryoshka_state
 from .training.config import TrainConfig
 
 PROFILES_DIR = "profiles"
@@ -48,16 +47,21 @@ def parse_budget(text: str, full: int) -> int:
     return int(value * {"": 1, "k": 1e3, "m": 1e6, "g": 1e9}[unit])
 
 
+def adapter_costs(run_dir: str) -> tuple:
+    """(the run's MatryoshkaConfig, {module: parameters of one rank}) from its adapter files alone."""
+    config, _, weights = read_adapter(run_dir)
+    # lora_A (R, in), lora_B (out, R): one rank of a module holds in + out parameters
+    return config, {m: weights[KEY_PREFIX + m + A_KEY].shape[1] + weights[KEY_PREFIX + m + B_KEY].shape[0]
+                    for m in adapted_modules(weights)}
+
+
 def checked_budgets(run_dir: str, budgets: list[str], grid: str) -> list[int]:
     """The budgets in parameters, checked against the run's adapter files (nothing is loaded but them).
 
     Raises:
         UserError: a budget that is not a share or count, or that no profile can use.
     """
-    config, _, weights = read_adapter(run_dir)
-    # lora_A (R, in), lora_B (out, R): one rank of a module holds in + out parameters
-    costs = {m: weights[KEY_PREFIX + m + A_KEY].shape[1] + weights[KEY_PREFIX + m + B_KEY].shape[0]
-             for m in adapted_modules(weights)}
+    config, costs = adapter_costs(run_dir)
     full = config.rank * sum(costs.values())
     try:
         ranks = grid_ranks(config, grid)
@@ -121,11 +125,11 @@ def allocate_run(run_dir: str, budgets: list[str], data: str | None = None, spli
     batches, about = calibration_batches(run_dir, tokenizer, data, split, limit, seed, batch_size)
     batches = [{k: v.to(device) for k, v in b.items()} for b in batches]
     try:
-        results = allocate(model, batches, asked, grid, score, refine, candidates, batch_rows)
+        results, uniform_losses = search(model, batches, asked, grid, score, refine, candidates, batch_rows)
     except InvalidInput as e:
         raise UserError(str(e)) from None
     out = output_dir or os.path.join(run_dir, PROFILES_DIR)
-    uniform = _uniform(model, batches, batch_rows)
+    uniform = _uniform(model, uniform_losses)
     costs = module_costs(model)
     rows = []
     for label, result in zip(budgets, results):
@@ -167,15 +171,11 @@ def _evaluate(model, tokenizer, run_dir, summary, profiles, limit, batch_size, b
     summary["eval_data"] = f"{data} ({split}), first {n} examples"
 
 
-def _uniform(model, batches, batch_rows: int) -> list[dict]:
-    """The uniform train ranks on the same calibration set, for comparison."""
-    state = matryoshka_state(model)
-    costs = module_costs(model)
-    ranks = list(state.config.train_ranks)
-    losses = measure(model, batches, [dict.fromkeys(costs, k) for k in ranks], batch_rows).tolist()
-    full = full_params(model)
-    return [{"rank": k, "params": k * sum(costs.values()), "share": k * sum(costs.values()) / full,
-             "calibration_loss": loss} for k, loss in zip(ranks, losses)]
+def _uniform(model, losses: dict[int, float]) -> list[dict]:
+    """The uniform train ranks on the same calibration set (the losses the search measured), for comparison."""
+    per_rank, full = sum(module_costs(model).values()), full_params(model)
+    return [{"rank": k, "params": k * per_rank, "share": k * per_rank / full, "calibration_loss": loss}
+            for k, loss in losses.items()]
 
 
 def profiles_table(summary: dict) -> str:

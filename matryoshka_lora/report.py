@@ -112,21 +112,23 @@ def write_compare_outputs(summary: dict, output_dir: str) -> dict:
 
 
 def plot_profiles(summary: dict, path: str) -> None:
-    """Accuracy vs adapter parameters: the uniform ranks and the allocated profiles on one log axis."""
+    """A metric vs adapter parameters (``summary["metric"]``, default answer-token accuracy): the uniform ranks
+    and the allocated profiles on one log axis, each entry's value in its ``eval`` dict."""
+    metric = summary.get("metric", "token_acc")
     fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
     for key, label, style in (("uniform", "uniform rank", "o-"), ("profiles", "allocated profile", "s--")):
-        points = sorted((e["params"], e["eval"]["token_acc"]) for e in summary[key] if "eval" in e)
+        points = sorted((e["params"], e["eval"][metric]) for e in summary[key] if "eval" in e)
         if points:
             ax.plot(*zip(*points), style, label=label)
     for e in summary["uniform"]:
         if "eval" in e:
-            ax.annotate(f"r{e['rank']}", (e["params"], e["eval"]["token_acc"]), fontsize=7,
+            ax.annotate(f"r{e['rank']}", (e["params"], e["eval"][metric]), fontsize=7,
                         textcoords="offset points", xytext=(3, -9))
     if "base" in summary:
-        ax.axhline(summary["base"]["token_acc"], color="gray", linestyle="--", label="base model")
+        ax.axhline(summary["base"][metric], color="gray", linestyle="--", label="base model")
     ax.set_xscale("log")
     ax.set_xlabel("adapter parameters")
-    ax.set_ylabel("answer-token accuracy")
+    ax.set_ylabel("answer-token accuracy" if metric == "token_acc" else metric)
     ax.set_title(f"{summary['eval_data']}", fontsize=9)
     ax.legend(fontsize=8)
     fig.tight_layout()

@@ -17,9 +17,15 @@ from matryoshka_lora import cli
 from matryoshka_lora.adapter_io import load_run
 from matryoshka_lora.base_models import load_base_model
 from matryoshka_lora.profiles import profile_ranks
+from matryoshka_lora.allocate_run import calibration_batches
 from matryoshka_lora.allocate import allocate, check_budget, greedy_profile, hull
 from matryoshka_lora.profile_scores import answer_losses, full_params, measure, module_costs
 from matryoshka_lora.errors import InvalidInput
+from matryoshka_lora.evaluation.generate import generate_at_ranks, score_at_ranks
+from matryoshka_lora.evaluation.run import plan_eval
+from matryoshka_lora.evaluation.tasks import stop_strings
+from matryoshka_lora.files import write_json
+from matryoshka_lora.rundir import read_train_config
 from matryoshka_lora.selection import matryoshka_state, use_rank
 
 
@@ -167,8 +173,11 @@ def test_allocate_command_writes_profiles_that_stock_peft_loads(run, tiny_llama_
     printed = capsys.readouterr().out
     assert "profile, budget 0.25" in printed and "uniform rank 8" in printed
     summary = json.load(open(os.path.join(tiny_run, "profiles", "profiles.json")))
-    model, _, _ = load_run(tiny_run)
+    model, tokenizer, _ = load_run(tiny_run)
     model.eval()
+    batches, _ = calibration_batches(tiny_run, tokenizer, None, None, 8, 0, 8)  # the command's calibration set
+    uniform = measure(model, batches, [dict.fromkeys(module_costs(model), u["rank"]) for u in summary["uniform"]], 32)
+    assert [u["calibration_loss"] for u in summary["uniform"]] == pytest.approx(uniform.tolist(), rel=1e-5)
     ids = torch.randint(0, 1000, (2, 9), generator=torch.Generator().manual_seed(0))
     for row, share in zip(summary["profiles"], (0.25, 0.5)):
         record = json.load(open(os.path.join(row["folder"], "rank_profile.json")))
@@ -209,3 +218,47 @@ def test_a_profile_is_never_worse_on_calibration_than_a_uniform_rank_that_fits(o
         alloc.drop_scores = original
     uniform = measure(model, batches, [dict.fromkeys(costs, k) for k in (1, 2, 4)], 32).tolist()
     assert result.params <= budget and result.loss <= min(uniform) + 1e-6
+
+
+def test_eval_profiles_scores_each_profile_as_stock_peft_runs_its_export(tiny_run, tmp_path, capsys, one_thread):
+    """`eval --profiles`: a profile at rank 4 on every module scores exactly as uniform rank 4 (same completions and
+    metrics), and an allocated profile's teacher-forced loss and completions are those of stock PEFT on its exported
+    adapter (merged). Broken if the profile's ranks are not applied (it then answers at R, or at rank 4 for both)."""
+    profiles, out = str(tmp_path / "profiles"), str(tmp_path / "eval")
+    assert cli.main(["allocate", tiny_run, "--budget", "0.3", "--limit", "4", "--refine", "1", "--eval_limit", "0",
+                     "--output_dir", profiles]) == 0
+    record = json.load(open(os.path.join(profiles, "budget-0.3", "rank_profile.json")))
+    write_json(os.path.join(profiles, "budget-u4", "rank_profile.json"),
+               dict(record, budget="u4", modules={m: {"rank": 4} for m in record["modules"]}))
+    capsys.readouterr()
+    args = ["eval", tiny_run, "--profiles", profiles, "--limit", "3", "--max_new_tokens", "6", "--ranks", "2,4,8",
+            "--output_dir", out, "--no_progress"]
+    assert cli.main(args) == 0
+    assert "profile, budget u4" in capsys.readouterr().out
+    summary = json.load(open(os.path.join(out, "profiles_eval.json")))
+    assert [p["budget"] for p in summary["profiles"]] == ["0.3", "u4"] and os.path.exists(summary["output_dir"])
+    rank4, u4 = (json.load(open(os.path.join(out, *p))) for p in (("ranks", "rank-4.json"), ("profiles", "budget-u4.json")))
+    assert u4["samples"] == rank4["samples"] and u4["metrics"] == rank4["metrics"]
+    allocated = json.load(open(os.path.join(out, "profiles", "budget-0.3.json")))
+    plan = plan_eval(tiny_run, limit=3, max_new_tokens=6)
+    _, tokenizer, _ = load_run(tiny_run)
+    stock = PeftModel.from_pretrained(load_base_model(read_train_config(tiny_run)["model"]),
+                                      os.path.join(profiles, "budget-0.3", "adapter")).merge_and_unload().eval()
+    scores = score_at_ranks(stock, tokenizer, plan.backend.pairs(), [0], progress=False)[0]
+    assert allocated["metrics"]["loss"] == pytest.approx(-sum(s[0] for s in scores) / sum(s[1] for s in scores),
+                                                         rel=1e-5)
+    assert allocated["metrics"]["loss"] != pytest.approx(rank4["metrics"]["loss"], rel=1e-5)
+    texts = generate_at_ranks(stock, tokenizer, [it["prompt"] for it in plan.backend.items], [0], max_new_tokens=6,
+                              stop=stop_strings(plan.backend.kind, tokenizer, []), progress=False)[0]
+    assert [s["completion"] for s in allocated["samples"]] == texts
+    assert cli.main(args) == 0 and "reusing the finished profile budget 0.3" in capsys.readouterr().out
+
+
+def test_eval_profiles_bad_folder_is_one_line(tiny_run, tmp_path, capsys):
+    empty, other = tmp_path / "empty", tmp_path / "other"
+    empty.mkdir()
+    write_json(str(other / "budget-x" / "rank_profile.json"), {"budget": "x", "modules": {"model.nope": {"rank": 1}}})
+    for folder, message in ((empty, "no budget-*/rank_profile.json under"), (other, "does not fit the adapter")):
+        assert cli.main(["eval", tiny_run, "--profiles", str(folder), "--limit", "2"]) == 2
+        err = capsys.readouterr().err
+        assert message in err and "Traceback" not in err and len(err.strip().splitlines()) == 1

@@ -7,6 +7,7 @@ from ..base_models import QUANTIZATIONS
 from ..config import INFERENCES
 from ..errors import ArgumentParser
 from ..evaluation import EvalSpec, evaluate_run
+from ..evaluation.profile_eval import evaluate_profiles, profiles_eval_table
 from ..report import markdown_table
 from .args import parse_ranks, unescape
 
@@ -71,6 +72,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="teacher-forced metrics alone (token_acc, loss, ppl; acc/acc_norm of choice tasks), no "
                         "generation and so no exact match: several times faster, for sweeps; results go to "
                         "RUN_DIR/eval-score (not lm-eval:TASK)")
+    p.add_argument("--profiles", nargs="?", const="", default=None, metavar="DIR",
+                   help="also evaluate the per-layer rank profiles `matryoshka-lora allocate` wrote to DIR (default: "
+                        "RUN_DIR/profiles), on the same task and settings: profiles_eval.md and params_curve.png "
+                        "(the metric against adapter parameters, uniform ranks and profiles on one axis)")
     _engine_options(p)
     return p
 
@@ -99,6 +104,12 @@ def spec_of(args) -> EvalSpec:
 
 def main(argv) -> int:
     args = build_parser().parse_args(argv)
+    if args.profiles is not None:
+        summary = evaluate_profiles(args.run_dir, args.profiles or None, spec_of(args))
+        print(profiles_eval_table(summary))
+        out = args.output_dir or os.path.relpath(summary["output_dir"])
+        print(f"wrote {out}/profiles_eval.json, profiles_eval.md, params_curve.png (and the ranks' eval.json)")
+        return 0
     result = evaluate_run(args.run_dir, spec_of(args))
     out = args.output_dir or os.path.relpath(result["output_dir"])
     print(markdown_table(result).split("\n\n")[2])

@@ -21,12 +21,17 @@ def rank_file(output_dir: str, k: int) -> str:
 
 def load_done(output_dir: str, k: int, settings_hash: str) -> dict | None:
     """The stored record of rank k, if it was computed with these settings."""
+    return load_done_file(rank_file(output_dir, k), settings_hash)
+
+
+def load_done_file(path: str, settings_hash: str) -> dict | None:
+    """The record stored at ``path``, if it was computed with these settings."""
     try:
-        with open(rank_file(output_dir, k)) as f:
+        with open(path) as f:
             record = json.load(f)
     except (OSError, json.JSONDecodeError):
         return None
-    return record if record.get("settings_hash") == settings_hash else None
+    return record if isinstance(record, dict) and record.get("settings_hash") == settings_hash else None
 
 
 def save_record(output_dir: str, k: int, record: dict, settings_hash: str) -> None:

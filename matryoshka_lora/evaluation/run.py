@@ -6,6 +6,7 @@ resumes). A rank's ``seconds`` is the wall time of the pass that computed it div
 stacked pass is shared).
 """
 import contextlib
+import dataclasses
 import os
 import time
 
@@ -26,16 +27,22 @@ from .results import load_done, save_record, settings_hash, summarize
 from .spec import EvalSpec
 
 
-def evaluate_run(run_dir: str, spec: EvalSpec | None = None, model_and_tokenizer=None, **options) -> dict:
-    """Evaluate a run at rank 0 (the base model) and every requested rank; write eval.json, eval.md, the plot.
+@dataclasses.dataclass
+class EvalPlan:
+    """An evaluation ready to run: the spec with its defaults filled in, the run's config under the rule it is
+    read by (``read_as``: that rule when it is not the run's own), the ranks, the settings its stored results
+    depend on, and the backend that computes them."""
 
-    Args:
-        run_dir: a folder written by ``matryoshka-lora train`` (or ``svd``).
-        spec: what to evaluate (``EvalSpec``); or its fields as keyword ``options``.
-        model_and_tokenizer: an already loaded (model, tokenizer) of this run, to skip loading.
+    spec: EvalSpec
+    config: MatryoshkaConfig
+    ranks: list[int]
+    read_as: str | None
+    settings: dict
+    backend: object
 
-    Returns:
-        The eval.json dict.
+
+def plan_eval(run_dir: str, spec: EvalSpec | None = None, **options) -> EvalPlan:
+    """Check a run and an evaluation of it (``spec``, or its fields as ``options``) before anything loads.
 
     Raises:
         UserError / AdapterFileError: bad run folder, adapter file, task, or options.
@@ -62,7 +69,31 @@ def evaluate_run(run_dir: str, spec: EvalSpec | None = None, model_and_tokenizer
     settings = spec.settings(train_config.get("model_path") or train_config.get("model"),
                              file_digest(os.path.join(run_dir, WEIGHTS)), read_as)
     backend = engine_backend(spec) if spec.engine else backend_for(spec)
-    hashes = {k: settings_hash(settings, backend.items, with_adapter=k != PRETRAINED) for k in [PRETRAINED] + ranks}
+    return EvalPlan(spec, config, ranks, read_as, settings, backend)
+
+
+def evaluate_run(run_dir: str, spec: EvalSpec | None = None, model_and_tokenizer=None, **options) -> dict:
+    """Evaluate a run at rank 0 (the base model) and every requested rank; write eval.json, eval.md, the plot.
+
+    Args:
+        run_dir: a folder written by ``matryoshka-lora train`` (or ``svd``).
+        spec: what to evaluate (``EvalSpec``); or its fields as keyword ``options``.
+        model_and_tokenizer: an already loaded (model, tokenizer) of this run, to skip loading.
+
+    Returns:
+        The eval.json dict.
+
+    Raises:
+        UserError / AdapterFileError: bad run folder, adapter file, task, or options.
+    """
+    return run_plan(run_dir, plan_eval(run_dir, spec, **options), model_and_tokenizer)
+
+
+def run_plan(run_dir: str, plan: EvalPlan, model_and_tokenizer=None) -> dict:
+    """``evaluate_run`` of a checked plan: finished ranks are reused, the others computed and stored."""
+    spec, backend, ranks, config = plan.spec, plan.backend, plan.ranks, plan.config
+    hashes = {k: settings_hash(plan.settings, backend.items, with_adapter=k != PRETRAINED)
+              for k in [PRETRAINED] + ranks}
     records = {k: r for k in hashes if (r := load_done(spec.output_dir, k, hashes[k])) is not None}
     pending = [k for k in [PRETRAINED] + ranks if k not in records]
     if records:
@@ -76,7 +107,7 @@ def evaluate_run(run_dir: str, spec: EvalSpec | None = None, model_and_tokenizer
         model, tokenizer = model_and_tokenizer or load_model(run_dir, spec)
         with read_as_rule(model, config):
             _compute(backend, model, tokenizer, pending, spec.output_dir, hashes, records)
-    result = summarize(spec.task, backend.kind, ranks, records, settings, config, run_dir, spec.stacked)
+    result = summarize(spec.task, backend.kind, ranks, records, plan.settings, config, run_dir, spec.stacked)
     result.update(inference=config.inference, output_dir=os.path.abspath(spec.output_dir))
     result["seconds_total"] = round(time.perf_counter() - started, 3)
     write_eval_outputs(result, spec.output_dir)
