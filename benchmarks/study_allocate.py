@@ -10,6 +10,7 @@ parameters and the full adapter that the profile recovers (the issue's goal: >= 
     python benchmarks/study_allocate.py --output_dir runs/study-allocate --seeds 0,1
     python benchmarks/study_allocate.py --config configs/smollm2-gsm8k.yaml --data ../shared/data/gsm8k \
         --output_dir runs/study-allocate-gsm8k --method matryoshka --learning_rate 9e-3 --seeds 0,1 --scores taylor
+    # a larger calibration set: add --limit 64 (profiles then go to profiles-...-cal64)
 """
 import argparse
 import json
@@ -23,6 +24,8 @@ from matryoshka_lora.files import read_yaml
 from matryoshka_lora.rundir import COMPLETE
 from matryoshka_lora.training.config import build_config
 from matryoshka_lora.training.run import train
+
+CALIBRATION = 16  # held-out training examples the search measures on, by default
 
 
 def trained(args, seed: int) -> str:
@@ -60,7 +63,7 @@ def main():
     p.add_argument("--seeds", default="0,1")
     p.add_argument("--budgets", default="0.25,0.5")
     p.add_argument("--scores", default="taylor,drop")
-    p.add_argument("--limit", type=int, default=16, help="calibration examples")
+    p.add_argument("--limit", type=int, default=CALIBRATION, help="calibration examples")
     p.add_argument("--eval_limit", type=int, default=200)
     p.add_argument("--refine", type=int, default=3)
     args = p.parse_args()
@@ -70,7 +73,8 @@ def main():
         run = trained(args, seed)
         for score in args.scores.split(","):
             tag = f"{args.method}-" if args.method else ""
-            out = os.path.join(args.output_dir, f"profiles-{tag}seed{seed}-{score}")
+            cal = "" if args.limit == CALIBRATION else f"-cal{args.limit}"  # the first studies' folders keep their names
+            out = os.path.join(args.output_dir, f"profiles-{tag}seed{seed}-{score}{cal}")
             summary_file = os.path.join(out, "profiles.json")
             if not os.path.isfile(summary_file):
                 allocate_run(run, budgets, limit=args.limit, score=score, refine=args.refine, seed=seed,

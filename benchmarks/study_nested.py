@@ -38,7 +38,7 @@ from matryoshka_lora.report import plot_rank_curves
 METHODS = ["dylora", "lora-svd", "distill", "dylora-distill", "dylora-frozen", "dylora-small", "lora-svd-dylora"]
 TASKS = {  # train settings, passes per run, evaluation, the metric tabulated
     "arithmetic": dict(train={"data": "arithmetic", "max_length": 160}, budget=200, metric="exact_match_strict",
-                       eval={"task": "arithmetic", "limit": 48, "batch_size": 48, "max_new_tokens": 48}),
+                       eval={"task": "arithmetic", "limit": 200, "batch_size": 50, "max_new_tokens": 48}),
     "gsm8k": dict(train={"max_length": 256}, budget=256, metric="token_acc",
                   eval={"limit": 500, "batch_size": 16, "score_only": True}),
 }
