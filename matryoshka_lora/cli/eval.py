@@ -30,7 +30,8 @@ def build_parser() -> argparse.ArgumentParser:
                "                         hellaswag, gsm8k, ... or your YAML via --include_path)\n\n"
                "outputs in --output_dir: eval.json, eval.md, rank_curve.png, ranks/rank-K.json (finished ranks\n"
                "are reused when rerun with the same settings, so an interrupted run resumes)\n\n"
-               "example:\n  matryoshka-lora eval runs/gsm8k --task /data/gsm8k --shots 8 --limit 200 --ranks 1,2,4,8")
+               "examples:\n  matryoshka-lora eval runs/gsm8k --task /data/gsm8k --shots 8 --limit 200 --ranks 1,2,4,8\n"
+               "  matryoshka-lora eval runs/gsm8k --profiles --limit 200   # the ranks and `allocate`'s profiles")
     p.add_argument("run_dir", help="a folder written by `matryoshka-lora train`")
     p.add_argument("--task", default=None, help="gsm8k, arithmetic, a JSONL file or folder, or lm-eval:TASK "
                                                 "(default: the run's training data, test split)")
