@@ -18,7 +18,7 @@ from ..allocate_run import PROFILE_FILE, PROFILES_DIR, adapter_costs
 from ..errors import InvalidInput, UserError
 from ..files import write_json, write_text
 from ..profiles import check_profile, profile_ranks
-from ..report import plot_profiles
+from ..report import pct, plot_profiles
 from .results import load_done_file, settings_hash
 from .run import load_model, plan_eval, read_as_rule, run_plan
 from .spec import EvalSpec
@@ -129,14 +129,10 @@ def _summary(run_dir: str, result: dict, records: list[dict], scored: list[dict]
 def profiles_eval_table(summary: dict) -> str:
     """Markdown: every uniform rank and profile by parameters, with the primary metric; the base model below."""
     metric = summary["metric"]
-    lines = [f"| adapter | parameters | share of full | {metric} |", "|---|---|---|---|"]
+    lines = [f"| adapter | parameters | share of full | {metric} (%) |", "|---|---|---|---|"]
     entries = [(f"uniform rank {u['rank']}", u) for u in summary["uniform"]]
     entries += [(f"profile, budget {p['budget']}", p) for p in summary["profiles"]]
     for name, e in sorted(entries, key=lambda x: (x[1]["params"], x[0])):
-        lines.append(f"| {name} | {e['params']:,} | {e['share']:.1%} | {_value(e['eval'][metric])} |")
-    lines.append(f"\nbase model (no adapter): {_value(summary['base'][metric])}; {summary['eval_data']}")
+        lines.append(f"| {name} | {e['params']:,} | {e['share']:.1%} | {pct(e['eval'][metric])} |")
+    lines.append(f"\nbase model (no adapter): {pct(summary['base'][metric])}; {summary['eval_data']}")
     return "\n".join(lines) + "\n"
-
-
-def _value(v: float) -> str:
-    return f"{v:.2%}" if 0 <= v <= 1 else f"{v:.4f}"
