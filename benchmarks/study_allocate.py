@@ -47,7 +47,7 @@ def gap_recovered(summary: dict, share: float) -> tuple[float, float, float, flo
     uniform = {round(u["share"], 6): u["eval"]["token_acc"] for u in summary["uniform"]}
     profile = next(p["eval"]["token_acc"] for p in summary["profiles"] if abs(float(p["budget"]) - share) < 1e-9)
     low, full = uniform.get(round(share, 6)), uniform[1.0]
-    if low is None or full == low:
+    if low is None or full <= low:  # no gap to recover: the full adapter is not above the uniform rank
         return low, profile, full, float("nan")
     return low, profile, full, (profile - low) / (full - low)
 
