@@ -42,7 +42,7 @@ class LayerRanks(dict):
         return self.label
 
 
-def read_profiles(run_dir: str, folder: str) -> list[dict]:
+def read_profiles(run_dir: str, folder: str, config, costs: dict[str, int]) -> list[dict]:
     """The ``rank_profile.json`` records under ``folder`` (``budget-*/``), fewest parameters first, each checked
     against the run's adapter.
 
@@ -53,7 +53,6 @@ def read_profiles(run_dir: str, folder: str) -> list[dict]:
     if not paths:
         raise UserError(f"no budget-*/{PROFILE_FILE} under {folder}; write profiles with "
                         f"`matryoshka-lora allocate {run_dir} --budget B` first")
-    config, costs = adapter_costs(run_dir)
     records = []
     for path in paths:
         try:
@@ -84,13 +83,14 @@ def evaluate_profiles(run_dir: str, profiles_dir: str | None = None, spec: EvalS
     if plan.spec.engine:
         raise UserError("--profiles evaluates in this process; to serve a profile, give vLLM its exported "
                         "budget-*/adapter (or padded/) folder with --lora-modules")
-    records = read_profiles(run_dir, profiles_dir or os.path.join(run_dir, PROFILES_DIR))
+    config, costs = adapter_costs(run_dir)  # the run's adapter files, read once
+    records = read_profiles(run_dir, profiles_dir or os.path.join(run_dir, PROFILES_DIR), config, costs)
     model, tokenizer = load_model(run_dir, plan.spec)
     result = run_plan(run_dir, plan, (model, tokenizer))
     out = plan.spec.output_dir
     with read_as_rule(model, plan.config):
         scored = [_profile_record(plan, model, tokenizer, r, os.path.join(out, "profiles")) for r in records]
-    summary = _summary(run_dir, result, records, scored) | {"output_dir": os.path.abspath(out)}
+    summary = _summary(config.rank * sum(costs.values()), sum(costs.values()), result, records, scored) | {"output_dir": os.path.abspath(out)}
     write_json(os.path.join(out, PROFILES_EVAL + ".json"), summary)
     write_text(os.path.join(out, PROFILES_EVAL + ".md"), profiles_eval_table(summary))
     plot_profiles(summary, os.path.join(out, PARAMS_CURVE))
@@ -113,9 +113,8 @@ def _profile_record(plan, model, tokenizer, record: dict, folder: str) -> dict:
     return done
 
 
-def _summary(run_dir: str, result: dict, records: list[dict], scored: list[dict]) -> dict:
-    config, costs = adapter_costs(run_dir)
-    per_rank, full = sum(costs.values()), config.rank * sum(costs.values())
+def _summary(full: int, per_rank: int, result: dict, records: list[dict], scored: list[dict]) -> dict:
+    """profiles_eval.json's dict; ``full`` and ``per_rank``: parameters of the full adapter and of one rank."""
     uniform = [{"rank": r["rank"], "params": r["rank"] * per_rank, "share": r["rank"] * per_rank / full,
                 "eval": r["metrics"]} for r in result["per_rank"]]
     profiles = [{"budget": r["budget"], "params": r["params"], "share": r["params"] / full,
