@@ -90,7 +90,8 @@ def evaluate_profiles(run_dir: str, profiles_dir: str | None = None, spec: EvalS
     out = plan.spec.output_dir
     with read_as_rule(model, plan.config):
         scored = [_profile_record(plan, model, tokenizer, r, os.path.join(out, "profiles")) for r in records]
-    summary = _summary(config.rank * sum(costs.values()), sum(costs.values()), result, records, scored) | {"output_dir": os.path.abspath(out)}
+    per_rank = sum(costs.values())
+    summary = _summary(config.rank * per_rank, per_rank, result, records, scored) | {"output_dir": os.path.abspath(out)}
     write_json(os.path.join(out, PROFILES_EVAL + ".json"), summary)
     write_text(os.path.join(out, PROFILES_EVAL + ".md"), profiles_eval_table(summary))
     plot_profiles(summary, os.path.join(out, PARAMS_CURVE))
