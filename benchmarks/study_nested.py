@@ -15,6 +15,10 @@ sandwich_n 1: 3, `dylora-distill`: 2, counted as if k < R every step; `matryoshk
 Two stages, both resumable (finished runs and evaluations are reused, so stop and rerun at will, over sessions):
 1. the learning-rate sweep on --sweep_seeds (default 0), every method at every --lrs;
 2. --seeds (default 0,1,2) at each method's best rate by mean AURAC on the sweep seeds.
+Every finished (method, lr, seed) is also written to a ledger kept in the repository (--ledger, default
+benchmarks/study_nested-TASK-rR.json): its per-rank scores under a digest of the exact settings, the wall minutes
+(training and evaluation; less where a finished run folder was reused) and the machine. A later session, whose runs/ folder is empty, reads them from there instead of training again;
+changed settings (budget, evaluation, ranks) do not match the digest, so they train afresh.
 The table: per-rank values, AURAC mean ± sd over --seeds, and each method's AURAC minus lora-svd's with whether the
 gap exceeds the seed spread (the issue's goal: >= 1.0 on both tasks).
 
@@ -24,14 +28,17 @@ gap exceeds the seed spread (the issue's goal: >= 1.0 on both tasks).
     # R = 32 (S = 1, 2, 4, 8, 16, 32): --rank 32; a first look: --lrs 2e-3 --seeds 0 --methods dylora,lora-svd
 """
 import argparse
+import datetime
+import hashlib
 import json
 import math
 import os
 import platform
 import time
 
-from matryoshka_lora.compare import SVD, compare
+from matryoshka_lora.compare import SVD, compare, over_seeds
 from matryoshka_lora.evaluation.results import default_eval_dir
+from matryoshka_lora.files import write_json
 from matryoshka_lora.ranks import default_train_ranks
 from matryoshka_lora.report import plot_rank_curves
 
@@ -69,20 +76,57 @@ def settings(args, method: str) -> tuple[str, dict]:
     return method, train
 
 
+def machine() -> str:
+    return f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores"
+
+
+def digest(train: dict, ev: dict, metric: str) -> str:
+    """What makes two runs' scores comparable: every train and eval setting and the metric (lr and seed are keys)."""
+    text = json.dumps({"train": train, "eval": ev, "metric": metric}, sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def read_ledger(path: str) -> dict:
+    if not os.path.isfile(path):
+        return {"runs": {}}
+    with open(path) as f:
+        return json.load(f)
+
+
+def one_seed(args, method: str, lr: float, seed: int, folder: str, train: dict, ev: dict) -> dict:
+    """``method`` at ``lr`` for ``seed``: the ledger's record when its settings match, else trained (or reused from
+    ``folder``), evaluated and recorded. {"per_rank", "aurac", "log_aurac", ...}."""
+    trained, metric = settings(args, method)[0], TASKS[args.task]["metric"]
+    key, sig = f"{method} lr={lr:g} seed={seed}", digest(train, ev, metric)
+    ledger = read_ledger(args.ledger)
+    if ledger["runs"].get(key, {}).get("digest") == sig:
+        return ledger["runs"][key]
+    started = time.perf_counter()
+    summary = compare(None, [trained], [seed], folder, train, ev, metric=metric, pretrained_from=args.pretrained_from)
+    record = summary["methods"][trained]["per_seed"][str(seed)]
+    # the base model's score is the same for every run: evaluated once, then shared (compare reuses it)
+    args.pretrained_from = args.pretrained_from or default_eval_dir(record["run_dir"],
+                                                                    score_only=bool(ev.get("score_only")))
+    ledger = read_ledger(args.ledger)  # another invocation may have added runs meanwhile
+    ledger.update(ranks=summary["ranks"], pretrained=summary["pretrained"])
+    ledger["runs"][key] = {k: v for k, v in record.items() if k != "run_dir"} | {
+        "digest": sig, "wall_minutes": round((time.perf_counter() - started) / 60, 1), "machine": machine(),
+        "date": datetime.date.today().isoformat()}
+    write_json(args.ledger, ledger)
+    return ledger["runs"][key]
+
+
 def run(args, method: str, lr: float, seeds: list[int]) -> dict:
-    """``method`` at ``lr`` over ``seeds`` (trained or reused): compare's entry for it, with its steps and passes."""
+    """``method`` at ``lr`` over ``seeds`` (from the ledger, or trained): its entry, with its steps and passes."""
     trained, train = settings(args, method)
     steps = max(1, args.budget // work(trained, train["train_ranks"]))
     folder = os.path.join(args.output_dir, f"lr-{lr:g}", method)
+    train = dict(train, learning_rate=lr, max_steps=steps)
     ev = dict(TASKS[args.task]["eval"], ranks=train["train_ranks"])
-    summary = compare(None, [trained], seeds, folder, dict(train, learning_rate=lr, max_steps=steps), ev,
-                      metric=TASKS[args.task]["metric"], pretrained_from=args.pretrained_from)
-    entry = summary["methods"][trained]
-    # the base model's score is the same for every run: evaluated once, then shared (compare reuses it)
-    args.pretrained_from = args.pretrained_from or default_eval_dir(
-        entry["per_seed"][str(seeds[0])]["run_dir"], score_only=bool(ev.get("score_only")))
+    entry = over_seeds({str(s): one_seed(args, method, lr, s, folder, train, ev) for s in seeds})
+    ledger = read_ledger(args.ledger)
     return entry | {"steps": steps, "passes": steps * work(trained, train["train_ranks"]), "lr": lr,
-                    "ranks": summary["ranks"], "pretrained": summary["pretrained"]}
+                    "ranks": ledger["ranks"], "pretrained": ledger["pretrained"]}
 
 
 def spread(e: dict) -> float:
@@ -110,8 +154,7 @@ def report(args, final: dict, sweep: dict, seeds: list[int], minutes: float) -> 
     for m in dict.fromkeys(m for s in sweep.values() for m in s):
         lines.append(f"| {m} | " + " | ".join(f"{100 * sweep[lr][m]['aurac']:.1f}" if m in sweep[lr] else "—"
                                              for lr in sorted(sweep)) + " |")
-    machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores"
-    lines += ["", f"budget {args.budget} passes of 4 examples per run; this invocation: {minutes:.0f} min on {machine}"]
+    lines += ["", f"budget {args.budget} passes of 4 examples per run; this invocation: {minutes:.0f} min on {machine()}"]
     return "\n".join(lines) + "\n"
 
 
@@ -127,8 +170,12 @@ def main() -> None:
     p.add_argument("--seeds", default="0,1,2")
     p.add_argument("--methods", default=",".join(METHODS))
     p.add_argument("--output_dir", required=True)
+    p.add_argument("--ledger", default=None, help="the results kept in the repo (default: "
+                   "benchmarks/study_nested-TASK-rR.json next to this script)")
     args = p.parse_args()
     args.budget, args.pretrained_from = args.budget or TASKS[args.task]["budget"], None
+    args.ledger = args.ledger or os.path.join(os.path.dirname(os.path.abspath(__file__)),
+                                              f"study_nested-{args.task}-r{args.rank}.json")
     methods, lrs = args.methods.split(","), [float(x) for x in args.lrs.split(",")]
     sweep_seeds, seeds = ([int(s) for s in text.split(",")] for text in (args.sweep_seeds, args.seeds))
     started = time.perf_counter()
