@@ -5,6 +5,7 @@ exit 2, without a traceback.
 """
 import difflib
 import importlib
+import logging
 import sys
 
 from .. import __version__
@@ -40,6 +41,9 @@ def main(argv=None) -> int:
         hint = f"; did you mean {close[0]!r}?" if close else ""
         print(f"matryoshka-lora: unknown command {name!r}{hint} (commands: {', '.join(COMMANDS)})", file=sys.stderr)
         return 2
+    # bitsandbytes >= 0.50 on a CPU with AVX512-BF16, imported by peft, tries to fetch an optional 4-bit kernel
+    # from the hub; offline or untrusted it falls back to its own and warns on every command, quantizing or not
+    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
     module = importlib.import_module(COMMANDS[name][0])
     return run_guarded(module.main, rest, prog=f"matryoshka-lora {name}")
 
