@@ -22,6 +22,7 @@ from matryoshka_lora.allocate import allocate, check_budget, greedy_profile, hul
 from matryoshka_lora.profile_scores import answer_losses, full_params, measure, module_costs
 from matryoshka_lora.errors import InvalidInput
 from matryoshka_lora.evaluation.generate import generate_at_ranks, score_at_ranks
+from matryoshka_lora.evaluation import profile_eval, run as eval_run
 from matryoshka_lora.evaluation.run import plan_eval
 from matryoshka_lora.evaluation.tasks import stop_strings
 from matryoshka_lora.files import write_json
@@ -220,10 +221,12 @@ def test_a_profile_is_never_worse_on_calibration_than_a_uniform_rank_that_fits(o
     assert result.params <= budget and result.loss <= min(uniform) + 1e-6
 
 
-def test_eval_profiles_scores_each_profile_as_stock_peft_runs_its_export(tiny_run, tmp_path, capsys, one_thread):
+def test_eval_profiles_scores_each_profile_as_stock_peft_runs_its_export(tiny_run, tmp_path, capsys, one_thread,
+                                                                         monkeypatch):
     """`eval --profiles`: a profile at rank 4 on every module scores exactly as uniform rank 4 (same completions and
     metrics), and an allocated profile's teacher-forced loss and completions are those of stock PEFT on its exported
-    adapter (merged). Broken if the profile's ranks are not applied (it then answers at R, or at rank 4 for both)."""
+    adapter (merged); a rerun reuses everything without loading the model. Broken if the profile's ranks are not
+    applied (it then answers at R, or at rank 4 for both)."""
     profiles, out = str(tmp_path / "profiles"), str(tmp_path / "eval")
     assert cli.main(["allocate", tiny_run, "--budget", "0.3", "--limit", "4", "--refine", "1", "--eval_limit", "0",
                      "--output_dir", profiles]) == 0
@@ -251,6 +254,11 @@ def test_eval_profiles_scores_each_profile_as_stock_peft_runs_its_export(tiny_ru
     texts = generate_at_ranks(stock, tokenizer, [it["prompt"] for it in plan.backend.items], [0], max_new_tokens=6,
                               stop=stop_strings(plan.backend.kind, tokenizer, []), progress=False)[0]
     assert [s["completion"] for s in allocated["samples"]] == texts
+
+    def no_load(*args, **kwargs):
+        raise AssertionError("every rank and profile is stored: nothing should load")
+    monkeypatch.setattr(profile_eval, "load_model", no_load)
+    monkeypatch.setattr(eval_run, "load_model", no_load)
     assert cli.main(args) == 0 and "reusing the finished profile budget 0.3" in capsys.readouterr().out
 
 

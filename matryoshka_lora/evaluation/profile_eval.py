@@ -85,11 +85,15 @@ def evaluate_profiles(run_dir: str, profiles_dir: str | None = None, spec: EvalS
                         "budget-*/adapter (or padded/) folder with --lora-modules")
     config, costs = adapter_costs(run_dir)  # the run's adapter files, read once
     records = read_profiles(run_dir, profiles_dir or os.path.join(run_dir, PROFILES_DIR), config, costs)
-    model, tokenizer = load_model(run_dir, plan.spec)
-    result = run_plan(run_dir, plan, (model, tokenizer))
     out = plan.spec.output_dir
-    with read_as_rule(model, plan.config):
-        scored = [_profile_record(plan, model, tokenizer, r, os.path.join(out, "profiles")) for r in records]
+    folder = os.path.join(out, "profiles")
+    scored = [_stored_profile(plan, r, folder) for r in records]
+    # the model loads only when something is left to compute (run_plan loads it itself for pending ranks)
+    loaded = load_model(run_dir, plan.spec) if None in scored else None
+    result = run_plan(run_dir, plan, loaded)
+    if loaded:
+        with read_as_rule(loaded[0], plan.config):
+            scored = [s or _score_profile(plan, *loaded, r, folder) for r, s in zip(records, scored)]
     per_rank = sum(costs.values())
     summary = _summary(config.rank * per_rank, per_rank, result, records, scored) | {"output_dir": os.path.abspath(out)}
     write_json(os.path.join(out, PROFILES_EVAL + ".json"), summary)
@@ -98,15 +102,25 @@ def evaluate_profiles(run_dir: str, profiles_dir: str | None = None, spec: EvalS
     return summary
 
 
-def _profile_record(plan, model, tokenizer, record: dict, folder: str) -> dict:
-    """The evaluation record of one profile: stored, or computed now and stored."""
-    label = f"budget {record['budget']}"
+def _profile_file(plan, record: dict, folder: str) -> tuple[str, str]:
+    """(the file of a profile's evaluation record, the digest of the settings it holds)."""
     digest = settings_hash(dict(plan.settings, profile=record["profile"]), plan.backend.items, with_adapter=True)
-    path = os.path.join(folder, f"budget-{record['budget']}.json")
+    return os.path.join(folder, f"budget-{record['budget']}.json"), digest
+
+
+def _stored_profile(plan, record: dict, folder: str) -> dict | None:
+    """A profile's evaluation record stored under the same settings, or None."""
+    path, digest = _profile_file(plan, record, folder)
     done = load_done_file(path, digest)
     if done is not None:
-        print(f"matryoshka-lora eval: reusing the finished profile {label} from {path}", flush=True)
-        return done
+        print(f"matryoshka-lora eval: reusing the finished profile budget {record['budget']} from {path}", flush=True)
+    return done
+
+
+def _score_profile(plan, model, tokenizer, record: dict, folder: str) -> dict:
+    """Evaluate one profile in one pass under ``use_rank`` and store its record."""
+    path, digest = _profile_file(plan, record, folder)
+    label = f"budget {record['budget']}"
     key = LayerRanks(profile_ranks(record["profile"]), label)
     done = plan.backend.run(model, tokenizer, [key])[key]
     done.update(rank=label, settings_hash=digest)
