@@ -16,7 +16,7 @@ from .base_models import load_base_model, load_tokenizer
 from .config import MatryoshkaConfig
 from .errors import AdapterFileError, UserError
 from .files import atomic_dir
-from .model import get_matryoshka_model
+from .model import get_matryoshka_model, peft_quietly
 from .ranks import check_inference_rank
 from .rundir import ADAPTER_CONFIG as ADAPTER_CONFIG_NAME, MATRYOSHKA_CONFIG as CONFIG_NAME, TRAIN_CONFIG
 from .rundir import WEIGHTS as WEIGHTS_NAME, read_train_config, run_model_name
@@ -275,7 +275,8 @@ def _export_merged(model_or_dir, peft_config, sliced, out_dir, base_model) -> st
         base_model = _unwrapped_copy(model_or_dir)
     with tempfile.TemporaryDirectory() as adapter_dir:
         write_adapter_dir(adapter_dir, sliced, peft_config)
-        merged = PeftModel.from_pretrained(base_model, adapter_dir).merge_and_unload()
+        with peft_quietly():
+            merged = PeftModel.from_pretrained(base_model, adapter_dir).merge_and_unload()
     with atomic_dir(out_dir) as tmp:
         merged.save_pretrained(tmp)
     return os.fspath(out_dir)

@@ -20,10 +20,12 @@ Training and evaluation run the same function through ``fused.py`` (one autograd
 the activations' dtype); PEFT's forward with the hook is the reference path, kept for dropout, merged or
 disabled adapters and tests (``set_fused(model, False)``).
 """
+import contextlib
 import copy
 import os
 import tempfile
 import types
+import warnings
 
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
@@ -71,10 +73,20 @@ def get_matryoshka_model(model, config: MatryoshkaConfig, adapter_name: str = "d
     return peft_model
 
 
+@contextlib.contextmanager
+def peft_quietly():
+    """Wrap a PeftModel construction: PEFT reads a property transformers >= 5.25 deprecated, and the FutureWarning
+    would reach every user of every command."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        yield
+
+
 def _inject(model, config: MatryoshkaConfig, adapter_name: str = "default"):
     """PEFT's LoRA layers of rank R in ``model``, with a one-line error where target_modules match nothing."""
     try:
-        return get_peft_model(model, _lora_config(model, config), adapter_name=adapter_name)
+        with peft_quietly():
+            return get_peft_model(model, _lora_config(model, config), adapter_name=adapter_name)
     except ValueError as e:
         if "not found in the base model" in str(e) or "Target modules" in str(e):
             raise InvalidInput(

@@ -1,6 +1,7 @@
 """The gated PEFT model: training forward (Eq. 3/4/7), gradients (Eq. 12/13), ranks, export, refusals."""
 import copy
 import os
+import warnings
 
 import pytest
 import torch
@@ -10,7 +11,7 @@ from transformers import AutoModelForCausalLM
 from conftest import VOCAB, randomize_, tiny_config, tiny_model, tokens, wrapped
 from matryoshka_lora import (MatryoshkaConfig, export_all_ranks, export_rank, get_matryoshka_model,
                              load_matryoshka_model, p_vector, sample_rank, set_rank, use_rank)
-from matryoshka_lora.model import GATE
+from matryoshka_lora.model import GATE, adapter_shapes
 from matryoshka_lora.ranks import rank_scale
 
 KINDS = ["llama", "qwen2"]
@@ -229,6 +230,17 @@ def test_stock_peft_loads_the_full_adapter_as_rank_R(tmp_path):
     stock = PeftModel.from_pretrained(tiny_model("llama", VOCAB), tmp_path).eval()
     with use_rank(model, 8), torch.no_grad():
         torch.testing.assert_close(stock(tokens()).logits, model(tokens()).logits, atol=1e-5, rtol=1e-5)
+
+
+def test_adapting_and_merging_raise_no_future_warning(tmp_path):
+    """PEFT reads a property transformers >= 5.25 deprecated; its FutureWarning must not reach the users of
+    adapter_shapes (train's memory check), get_matryoshka_model and a merged export."""
+    config = MatryoshkaConfig(rank=8)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)
+        adapter_shapes(tiny_model("llama", VOCAB), config)
+        model = get_matryoshka_model(tiny_model("llama", VOCAB), config)
+        export_rank(model, 2, tmp_path / "merged", merge=True)
 
 
 # --- refusals and bad input ------------------------------------------------------------------------

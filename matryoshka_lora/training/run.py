@@ -11,7 +11,6 @@ import os
 import resource
 import signal
 import time
-import warnings
 from dataclasses import dataclass
 
 import accelerate
@@ -96,9 +95,7 @@ def prepare(config: TrainConfig, trainer_class: type) -> Prepared:
         raise UserError(problem)
     try:
         check_memory(adapter_shapes(model, mconfig), mconfig.rank, config.use_cpu)
-        with warnings.catch_warnings():  # PEFT asks a deprecated transformers property
-            warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
-            model = get_matryoshka_model(model, mconfig)
+        model = get_matryoshka_model(model, mconfig)
         if config.init_adapter:
             load_init_adapter(model, config.init_adapter)
     except ValueError as e:
