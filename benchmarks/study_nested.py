@@ -134,6 +134,11 @@ def spread(e: dict) -> float:
     return e.get("aurac_stdev", float("nan"))
 
 
+def aurac_cell(e: dict) -> str:
+    sd = spread(e)
+    return f"{100 * e['aurac']:.1f}" + (f" ± {100 * sd:.1f}" if sd == sd else " (one seed)")
+
+
 def report(args, final: dict, sweep: dict, seeds: list[int], minutes: float) -> str:
     first = next(iter(final.values()))
     ranks, bar = first["ranks"], final.get(SVD)
@@ -148,7 +153,7 @@ def report(args, final: dict, sweep: dict, seeds: list[int], minutes: float) -> 
             gap = f"{d:+.1f}" + (" (> sd)" if abs(d) > noise else " (within sd)" if noise == noise else "")
         lines.append(f"| {m} | {e['lr']:g} | {e['steps']} | {e['passes']} | " +
                      " | ".join(f"{100 * v:.1f}" for v in e["per_rank"]) +
-                     f" | {100 * e['aurac']:.1f} ± {100 * spread(e):.1f} | {100 * e['log_aurac']:.1f} | {gap} |")
+                     f" | {aurac_cell(e)} | {100 * e['log_aurac']:.1f} | {gap} |")
     lines += ["", "The sweep (AURAC, mean over the sweep seeds):", "",
               "| method | " + " | ".join(f"lr {lr:g}" for lr in sorted(sweep)) + " |", "|" + "---|" * (len(sweep) + 1)]
     for m in dict.fromkeys(m for s in sweep.values() for m in s):

@@ -42,19 +42,19 @@ def embedded_model_dir() -> str:
     return d
 
 
-def tiny_config(kind: str = "llama", vocab_size: int = 49152):
-    """A 2-layer, 32-wide model of the given family; ~1.6M parameters, mostly the embedding."""
-    common = dict(vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
+def tiny_config(kind: str = "llama", vocab_size: int = 49152, hidden_size: int = 32):
+    """A 2-layer model of the given family, 32 wide by default; ~1.6M parameters, mostly the embedding."""
+    common = dict(vocab_size=vocab_size, hidden_size=hidden_size, intermediate_size=2 * hidden_size,
+                  num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
                   tie_word_embeddings=True)
     if kind == "qwen2":
         return Qwen2Config(**common)
     return LlamaConfig(**common)
 
 
-def tiny_model(kind: str = "llama", vocab_size: int = 128, seed: int = 0):
+def tiny_model(kind: str = "llama", vocab_size: int = 128, seed: int = 0, hidden_size: int = 32):
     torch.manual_seed(seed)
-    return AutoModelForCausalLM.from_config(tiny_config(kind, vocab_size)).eval()
+    return AutoModelForCausalLM.from_config(tiny_config(kind, vocab_size, hidden_size)).eval()
 
 
 def randomize_(model, seed=1):

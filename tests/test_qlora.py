@@ -13,6 +13,7 @@ import shutil
 import pytest
 import torch
 from peft import PeftModel
+from transformers import AutoTokenizer
 from safetensors.torch import load_file
 
 from conftest import VOCAB, randomize_, skip_unless, tiny_model
@@ -29,10 +30,24 @@ def needs_bitsandbytes():
     skip_unless(HAS_BNB, "bitsandbytes is not installed (pip install bitsandbytes; CPU support from 0.48)")
 
 
+# bitsandbytes >= 0.50 on an AVX512-BF16 CPU repacks a 4-bit weight for inference in blocks of 64 inputs and
+# 32 outputs, and fails on narrower layers (every real model's are wider), so these models are 64 wide.
+BNB_WIDTH = 64
+
+
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory):
     out = tmp_path_factory.mktemp("tiny_for_bnb")
-    tiny_model("llama", VOCAB).save_pretrained(out)
+    tiny_model("llama", VOCAB, hidden_size=BNB_WIDTH).save_pretrained(out)
+    return str(out)
+
+
+@pytest.fixture(scope="module")
+def bnb_llama_dir(tmp_path_factory, smol_tokenizer_dir):
+    """``tiny_llama_dir`` at BNB_WIDTH: a tiny random Llama with the SmolLM2 tokenizer."""
+    out = tmp_path_factory.mktemp("bnb_llama")
+    tiny_model("llama", vocab_size=49152, hidden_size=BNB_WIDTH).save_pretrained(out)
+    AutoTokenizer.from_pretrained(smol_tokenizer_dir).save_pretrained(out)
     return str(out)
 
 
@@ -84,13 +99,13 @@ def train(folder, out, *extra):
 
 
 @pytest.fixture(scope="module")
-def qlora_run(tiny_llama_dir, tmp_path_factory):
+def qlora_run(bnb_llama_dir, tmp_path_factory):
     """4 steps of 4-bit training with checkpoints at 2 and 4, and the same run unquantized."""
     root = tmp_path_factory.mktemp("qlora")
     runs = {}
     for quantization in ("4bit", "none"):
         runs[quantization] = str(root / quantization)
-        assert train(tiny_llama_dir, runs[quantization], "--max_steps", "4", "--save_steps", "2",
+        assert train(bnb_llama_dir, runs[quantization], "--max_steps", "4", "--save_steps", "2",
                      "--quantization", quantization) == 0
     return runs
 
@@ -105,14 +120,14 @@ def test_qlora_trains_on_the_quantized_base(qlora_run):
     assert any(not torch.equal(quantized[k], full[k]) for k in b)  # and not on the full-precision weights
 
 
-def test_qlora_resume_is_exact(qlora_run, tiny_llama_dir, tmp_path):
+def test_qlora_resume_is_exact(qlora_run, bnb_llama_dir, tmp_path):
     """The run interrupted after step 2 (its step-4 checkpoint and final files lost) resumes to the same adapter."""
     out = str(tmp_path / "resumed")
     shutil.copytree(qlora_run["4bit"], out)
     shutil.rmtree(os.path.join(out, "checkpoints", "checkpoint-4"))
     for name in ("run_complete.json", "adapter_model.safetensors", "adapter_config.json"):
         os.remove(os.path.join(out, name))
-    assert train(tiny_llama_dir, out, "--max_steps", "4", "--save_steps", "2", "--quantization", "4bit",
+    assert train(bnb_llama_dir, out, "--max_steps", "4", "--save_steps", "2", "--quantization", "4bit",
                  "--resume") == 0
     whole = load_file(os.path.join(qlora_run["4bit"], "adapter_model.safetensors"))
     resumed = load_file(os.path.join(out, "adapter_model.safetensors"))
@@ -136,7 +151,7 @@ def test_qlora_eval_loads_the_base_quantized(qlora_run, tmp_path):
     assert type(next(iter(model.matryoshka.layers.values()))).__module__ == "peft.tuners.lora.bnb"
 
 
-def test_exported_rank_is_a_plain_adapter_for_the_full_precision_base(qlora_run, tiny_llama_dir, tmp_path):
+def test_exported_rank_is_a_plain_adapter_for_the_full_precision_base(qlora_run, bnb_llama_dir, tmp_path):
     run = qlora_run["4bit"]
     assert cli.main(["export", run, "--ranks", "2", "--output_dir", str(tmp_path / "export")]) == 0
     config = json.load(open(tmp_path / "export" / "rank-2" / "adapter_config.json"))
@@ -145,15 +160,15 @@ def test_exported_rank_is_a_plain_adapter_for_the_full_precision_base(qlora_run,
     model, _, _ = load_run(run, quantization="none")
     with torch.no_grad(), use_rank(model.eval(), 2):
         want = model(ids).logits
-    base = load_base_model(tiny_llama_dir)
+    base = load_base_model(bnb_llama_dir)
     stock = PeftModel.from_pretrained(base, str(tmp_path / "export" / "rank-2")).eval()
     with torch.no_grad():
         torch.testing.assert_close(stock(ids).logits, want, rtol=1e-5, atol=1e-5)
 
 
-def test_bad_quantization_is_one_line(tiny_llama_dir, tmp_path, capsys):
+def test_bad_quantization_is_one_line(bnb_llama_dir, tmp_path, capsys):
     out = str(tmp_path / "bad")
-    assert train(tiny_llama_dir, out, "--max_steps", "1", "--quantization", "2bit") == 2
+    assert train(bnb_llama_dir, out, "--max_steps", "1", "--quantization", "2bit") == 2
     err = capsys.readouterr().err
     assert "quantization='2bit' is not valid; choose one of none, 4bit, 8bit" in err
     assert "Traceback" not in err and not os.path.exists(out)

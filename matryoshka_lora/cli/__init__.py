@@ -42,8 +42,10 @@ def main(argv=None) -> int:
         print(f"matryoshka-lora: unknown command {name!r}{hint} (commands: {', '.join(COMMANDS)})", file=sys.stderr)
         return 2
     # bitsandbytes >= 0.50 on a CPU with AVX512-BF16, imported by peft, tries to fetch an optional 4-bit kernel
-    # from the hub; offline or untrusted it falls back to its own and warns on every command, quantizing or not
-    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+    # from the hub through `kernels`; failing or offline, bitsandbytes falls back to its own kernel, and both
+    # libraries warn about it on every command, quantizing or not
+    for noisy in ("bitsandbytes.backends.cpu.ops", "kernels._internals.hf_hub"):
+        logging.getLogger(noisy).setLevel(logging.ERROR)
     module = importlib.import_module(COMMANDS[name][0])
     return run_guarded(module.main, rest, prog=f"matryoshka-lora {name}")
 
