@@ -17,8 +17,9 @@ Two stages, both resumable (finished runs and evaluations are reused, so stop an
 2. --seeds (default 0,1,2) at each method's best rate by mean AURAC on the sweep seeds.
 Every finished (method, lr, seed) is also written to a ledger kept in the repository (--ledger, default
 benchmarks/study_nested-TASK-rR.json): its per-rank scores under a digest of the exact settings, the wall minutes
-(training and evaluation; less where a finished run folder was reused) and the machine. A later session, whose runs/ folder is empty, reads them from there instead of training again;
-changed settings (budget, evaluation, ranks) do not match the digest, so they train afresh.
+(training and evaluation, pauses included; less where a finished run folder was reused) and the machine. A later
+session, whose runs/ folder is empty, reads them from there instead of training again; changed settings (budget,
+evaluation, ranks) do not match the digest, so they train afresh.
 The table: per-rank values, AURAC mean ± sd over --seeds, and each method's AURAC minus lora-svd's with whether the
 gap exceeds the seed spread (the issue's goal: >= 1.0 on both tasks).
 

@@ -23,8 +23,8 @@ switches the module's adapter off):
    step up, within the budget), ranked by the estimate, and keeps the best if it lowers the measured loss.
 
 Cost in forward passes over the calibration set: 1 forward + 1 backward (``taylor``) or 1 + M·(|grid| − 1)
-forwards (``drop``), up to 2|S| for the uniform starts, then 1 + refine·candidates forwards per budget, stacked ``batch_rows`` rows at a time. Everything is
-deterministic given the calibration set (which the seed draws).
+forwards (``drop``), up to 2|S| for the uniform starts, then 1 + refine·candidates forwards per budget, stacked
+``batch_rows`` rows at a time. Everything is deterministic given the calibration set (which the seed draws).
 """
 import dataclasses
 

@@ -61,7 +61,7 @@ def _three_days(rng):
 
 
 def _share(rng):
-    (name, he), item = rng.choice(NAMES), rng.choice(ITEMS)
+    (name, _), item = rng.choice(NAMES), rng.choice(ITEMS)
     friends, each, extra = rng.randint(2, 6), rng.randint(2, 8), rng.randint(1, 10)
     a = friends * each
     q = (f"{name} has {a} {item} and shares them equally among {friends} friends. Each friend then finds "

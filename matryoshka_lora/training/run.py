@@ -106,7 +106,8 @@ def prepare(config: TrainConfig, trainer_class: type) -> Prepared:
     created = [d for d in (run_dir, args.output_dir) if not os.path.exists(d)]
     trainer = trainer_class(  # its main process creates checkpoints/ (removed again if the sharding is refused)
         model=model, args=args, train_dataset=features,
-        data_collator=(PackedCollator if config.packing else Collator)(tokenizer.pad_token_id), run_dir=run_dir, max_bad_steps=config.max_bad_steps,
+        data_collator=(PackedCollator if config.packing else Collator)(tokenizer.pad_token_id), run_dir=run_dir,
+        max_bad_steps=config.max_bad_steps,
         rank_callback=(rank_cb := RankCallback(config.seed)), callbacks=[rank_cb, signals])
     try:
         check_sharding(trainer, config)
