@@ -101,7 +101,10 @@ def smol_tokenizer_dir(tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_llama_dir(tmp_path_factory, smol_tokenizer_dir):
     """A folder holding a tiny random Llama with the SmolLM2 tokenizer: a stand-in for any hub model."""
-    out = tmp_path_factory.mktemp("tiny_llama")
-    tiny_model("llama", vocab_size=49152).save_pretrained(out)
-    AutoTokenizer.from_pretrained(smol_tokenizer_dir).save_pretrained(out)
+    return save_tiny_llama(tmp_path_factory.mktemp("tiny_llama"), smol_tokenizer_dir)
+
+
+def save_tiny_llama(out, tokenizer_dir: str, hidden_size: int = 32) -> str:
+    tiny_model("llama", vocab_size=49152, hidden_size=hidden_size).save_pretrained(out)
+    AutoTokenizer.from_pretrained(tokenizer_dir).save_pretrained(out)
     return str(out)

@@ -13,10 +13,9 @@ import shutil
 import pytest
 import torch
 from peft import PeftModel
-from transformers import AutoTokenizer
 from safetensors.torch import load_file
 
-from conftest import VOCAB, randomize_, skip_unless, tiny_model
+from conftest import VOCAB, randomize_, save_tiny_llama, skip_unless, tiny_model
 from matryoshka_lora import MatryoshkaConfig, cli, get_matryoshka_model, sample_rank, set_fused, set_rank, use_rank
 from matryoshka_lora.adapter_io import load_run
 from matryoshka_lora.base_models import load_base_model
@@ -45,10 +44,7 @@ def tiny_dir(tmp_path_factory):
 @pytest.fixture(scope="module")
 def bnb_llama_dir(tmp_path_factory, smol_tokenizer_dir):
     """``tiny_llama_dir`` at BNB_WIDTH: a tiny random Llama with the SmolLM2 tokenizer."""
-    out = tmp_path_factory.mktemp("bnb_llama")
-    tiny_model("llama", vocab_size=49152, hidden_size=BNB_WIDTH).save_pretrained(out)
-    AutoTokenizer.from_pretrained(smol_tokenizer_dir).save_pretrained(out)
-    return str(out)
+    return save_tiny_llama(tmp_path_factory.mktemp("bnb_llama"), smol_tokenizer_dir, hidden_size=BNB_WIDTH)
 
 
 def quantized_pair(folder, quantization, **cfg):

@@ -33,7 +33,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="matryoshka-lora demo",
         description="Fine-tune the embedded SmolLM2-135M-Instruct on built-in arithmetic problems with "
                     "dylora (the default method) and matryoshka (the paper's), evaluate every rank, and print the "
-                    "comparison. Offline; about 8 minutes on a 2-core CPU. Finished runs in the output folder are reused.")
+                    "comparison. Offline; about 8 minutes on a 2-core CPU. Finished runs in the output folder are "
+                    "reused.")
     p.add_argument("--output_dir", default=os.path.join("runs", "demo"), help="where runs and results go "
                                                                               "(default: runs/demo)")
     p.add_argument("--methods", default=METHODS, help=f"comma-separated methods (default: {METHODS}; add lora, "
