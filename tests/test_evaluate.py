@@ -31,13 +31,13 @@ GSM_ROWS = [
 ]
 
 
-def random_adapter(base_dir, rank=8, seed=0, scale=0.5):
+def random_adapter(base_dir, rank=8, seed=0, scale=0.5, **config):
     """A matryoshka model on the base model in ``base_dir`` with random non-zero lora_B (scale · N(0, 1)), so every
-    rank differs."""
+    rank differs (``config``: more MatryoshkaConfig settings)."""
     base = AutoModelForCausalLM.from_pretrained(base_dir)
     with torch.random.fork_rng():
         torch.manual_seed(seed)  # lora_A's initialisation: the same adapter whatever ran before
-        model = get_matryoshka_model(base, MatryoshkaConfig(rank=rank, method="matryoshka"))
+        model = get_matryoshka_model(base, MatryoshkaConfig(rank=rank, method="matryoshka", **config))
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in model.named_parameters():

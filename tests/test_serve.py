@@ -196,9 +196,9 @@ def smol_run(tmp_path_factory):
     return run
 
 
-def _launch_serve(run, python, port) -> subprocess.Popen:
+def _launch_serve(run, python, port, *options) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-m", "matryoshka_lora", "serve", run, "--port", str(port),
-                             "--python", python, "--startup_timeout", "600"], stdout=subprocess.PIPE,
+                             "--python", python, "--startup_timeout", "600", *options], stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, cwd=REPO)
 
 

@@ -35,6 +35,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--base", default=None, help="the base model folder or hub id vLLM loads (default: the run's, "
                                                 "a .gguf or smollm2 base dequantized once)")
     p.add_argument("--output_dir", default=None, help="where the ranks are exported (default: RUN_DIR/export)")
+    p.add_argument("--one_slot", action="store_true",
+                   help="keep every rank in one adapter slot, the rank chosen per request (a vLLM plugin this "
+                        "project ships): the LoRA memory of one adapter instead of one per rank; see docs/serving.md")
     p.add_argument("--startup_timeout", type=float, default=900, help="seconds to wait for the engine to answer "
                                                                       "(default: %(default)s)")
     return p
@@ -47,9 +50,10 @@ def usage(server, manifest: dict) -> str:
     k = manifest["recommended_rank"] or ranks[-1]
     body = json.dumps({"model": lora_name(name, k), "prompt": "Question: 2+3?\nAnswer:", "max_tokens": 64,
                        "temperature": 0})
+    slots = (f"{len(ranks)} ranks in one adapter slot" if manifest.get("one_slot") else
+             f"{manifest['vllm']['max_loras']} adapter slots")
     return "\n".join([
-        f"serving {manifest['run_dir']} on {url}/v1 (max_lora_rank {manifest['vllm']['max_lora_rank']}, "
-        f"{manifest['vllm']['max_loras']} adapter slots)",
+        f"serving {manifest['run_dir']} on {url}/v1 (max_lora_rank {manifest['vllm']['max_lora_rank']}, {slots})",
         f"  models: {', '.join(lora_name(name, r) for r in ranks)}; the base alone: {name}",
         f"  recommended: {manifest['recommendation']}",
         f"  curl {url}/v1/completions -H 'Content-Type: application/json' -d '{body}'",
@@ -76,7 +80,8 @@ def main(argv) -> int:
     argv = argv[:argv.index("--")] if "--" in argv else argv
     args = build_parser().parse_args(argv)
     server, manifest = serve_run(args.run_dir, parse_ranks(args.ranks), args.name, args.host, args.port,
-                                 args.python, args.base, extra, args.output_dir, args.startup_timeout)
+                                 args.python, args.base, extra, args.output_dir, args.startup_timeout,
+                                 args.one_slot)
     print(f"matryoshka-lora serve: starting vLLM ({os.path.relpath(server.log_path)}): {' '.join(server.command)}",
           flush=True)
     stop_on_signals()
