@@ -21,7 +21,6 @@ import argparse
 import json
 import os
 import platform
-import re
 import statistics
 import subprocess
 import time
@@ -31,6 +30,7 @@ from matryoshka_lora.adapter_io import export_rank, load_run
 from matryoshka_lora.bundle import lora_name
 from matryoshka_lora.serving import EngineServer, complete, engine_command, engine_env, engine_python, free_port, \
     run_base, serve_run
+from matryoshka_lora.vllm_one_slot import read_report
 
 PRESETS = {"cpu": dict(requests=32, concurrency=8, max_tokens=64), "gpu": dict(requests=512, concurrency=64,
                                                                               max_tokens=128)}
@@ -88,8 +88,8 @@ def measure_one_slot(args, results: dict) -> dict:
         results["mixed, 1 shared slot (--one_slot)"] = stream(server.url, [lora_name(manifest["name"], k)
                                                                           for k in ranks], args)
     with open(server.log_path) as f:
-        found = re.search(r"buffers take (\d+) bytes \(one slot per id: (\d+) bytes\)", f.read())
-    return {"one slot": int(found[1]), "one slot per rank": int(found[2])} if found else {}
+        found = read_report(f.read())
+    return {"one slot": found["bytes"], "one slot per rank": found["bytes_one_slot_per_id"]} if found else {}
 
 
 def measure_merged(args, manifest: dict, results: dict) -> None:

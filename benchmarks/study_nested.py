@@ -4,8 +4,8 @@ Every method gets the same budget of forward/backward passes of 4 examples (4x t
 on arithmetic, 256 on GSM8K): a method stacking w ranks per step trains budget / w steps (`distill` with
 sandwich_n 1: 3, `dylora-distill`: 2, counted as if k < R every step; `matryoshka-exact`: |S|). Candidates:
 
-    dylora            the current default
-    lora-svd          plain LoRA, re-factored by SVD after training (the bar)
+    dylora            the best objective that trains nested ranks (the default of `train` until this study)
+    lora-svd          plain LoRA, re-factored by SVD after training (the bar; the default of `train` since)
     distill           in-place distillation with the sandwich draw (slimmable networks / once-for-all)
     dylora-distill    one drawn rank on the KL to rank R, R on the labels
     dylora-frozen     DyLoRA with its paper's update (only the new slice trains)
@@ -36,6 +36,8 @@ import math
 import os
 import platform
 import time
+
+import torch
 
 from matryoshka_lora.compare import SVD, compare, over_seeds
 from matryoshka_lora.evaluation.results import default_eval_dir
@@ -78,7 +80,15 @@ def settings(args, method: str) -> tuple[str, dict]:
 
 
 def machine() -> str:
-    return f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores"
+    """The CPU model and core count (Linux names the model only in /proc/cpuinfo), e.g. for minutes to compare."""
+    model = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            model = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), model)
+    except OSError:
+        pass
+    gpu = f", {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ""
+    return f"{model}, {os.cpu_count()} cores{gpu}"
 
 
 def digest(train: dict, ev: dict, metric: str) -> str:

@@ -19,7 +19,7 @@ from .files import atomic_dir
 from .model import get_matryoshka_model, peft_quietly
 from .ranks import check_inference_rank
 from .rundir import ADAPTER_CONFIG as ADAPTER_CONFIG_NAME, MATRYOSHKA_CONFIG as CONFIG_NAME, TRAIN_CONFIG
-from .rundir import WEIGHTS as WEIGHTS_NAME, read_train_config, run_model_name
+from .rundir import WEIGHTS as WEIGHTS_NAME, read_train_config, run_model_name, warn_if_not_nested
 from .selection import inference_gate, matryoshka_state
 
 
@@ -118,6 +118,7 @@ def load_matryoshka_model(base_model, directory, is_trainable: bool = False, ada
     """
     config, peft_config, weights = read_checked(directory)
     _warn_on_other_base(base_model, directory)
+    warn_if_not_nested(config, directory)
     model = get_matryoshka_model(base_model, config, adapter_name)
     check_target_modules(peft_config, model, adapter_name, os.path.join(directory, ADAPTER_CONFIG_NAME))
     expected = get_peft_model_state_dict(model, adapter_name=adapter_name)
@@ -236,6 +237,7 @@ def export_rank(model_or_dir, rank: int, out_dir, merge: bool = False, base_mode
         InvalidInput: ``rank`` outside 1..R, or an ``inference`` the run's method cannot use.
     """
     config, peft_config, weights = read_adapter(model_or_dir)
+    warn_if_not_nested(config, model_or_dir)
     config = config.read_as(inference)
     check_inference_rank(config.rank, rank)
     sliced = slice_weights(weights, rank, inference_gate(config, rank)[:rank])

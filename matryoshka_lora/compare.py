@@ -28,8 +28,8 @@ from .training import TrainConfig, build_config, train
 SVD = "lora-svd"
 SVD_TUNED = "lora-svd-dylora"  # LoRA, re-factored by SVD, then a short DyLoRA phase from there (issue 20)
 TUNE_SHARE = 0.15  # the DyLoRA phase's share of the steps: the two phases together take the others' steps
-ALL_METHODS = METHOD_NAMES + (SVD, SVD_TUNED)
-DEFAULT_METHODS = "dylora,matryoshka,lora,lora-svd"
+ALL_METHODS = tuple(dict.fromkeys(METHOD_NAMES + (SVD, SVD_TUNED)))  # train knows lora-svd as well
+DEFAULT_METHODS = "lora-svd,dylora,matryoshka,lora"  # the default of train first
 DEFAULT_SEEDS = "42,666,2408"  # the paper's
 
 

@@ -41,7 +41,8 @@ class MatryoshkaConfig:
         train_ranks: the set S of nested ranks trained together (default: powers of two up to R, and R).
         scaling: s_r per rank: "none" (1), "rank" (1/r) or "sqrt" (1/sqrt r).
         method: a name in ``methods.METHODS``: "dylora" (the default: one sampled rank k per step),
-            "matryoshka" (the paper: y = W0x + B(P ⊙ Ax)), "lora" (s_R·BAx), "matryoshka-exact" (the multi-rank
+            "matryoshka" (the paper: y = W0x + B(P ⊙ Ax)), "lora" (s_R·BAx), "lora-svd" (lora, whose final
+            adapter ``train`` re-factors by SVD; the default of ``train``), "matryoshka-exact" (the multi-rank
             objective Σ_r λ_r ℓ(W0 + s_r A_r B_r), batch stacked across the train ranks) or "sandwich" (the loss at
             R, at the smallest rank and at ``sandwich_n`` sampled ranks, stacked the same way); the candidates
             "distill", "dylora-distill" and "dylora-frozen" are described in ``methods.py``.

@@ -14,6 +14,8 @@ With P = Σ_{r∈S} λ_r s_r 1[:r] (Algorithm 1), s_r the rank scale and λ_r th
     matryoshka        g = P                          the paper's method
     dylora            g = s_k 1[:k], k ~ U(choices)  one rank per step
     lora              g = s_R 1                      plain LoRA
+    lora-svd          g = s_R 1                      plain LoRA, whose final adapter is re-factored by SVD
+                                                     (``svd.py``): rank k is ΔW's best rank-k approximation
     matryoshka-exact  Σ_{r∈S} λ_r ℓ(rank r)           the multi-rank objective itself, stacked
     sandwich          Σ_{r∈D} λ ℓ(rank r)             D = {min S, max S} ∪ sandwich_n drawn from the rest
     distill           λ ℓ(R) + Σ_{r∈D, r<R} λ KL(p_R ‖ p_r)   sandwich's draw; the smaller ranks learn rank R's
@@ -53,6 +55,7 @@ class Method:
     plain: bool = False  # trains plain rank-R LoRA: merging in training mode merges rank R; svd can nest it
     distill: bool = False  # stacked ranks below R learn rank R's detached distribution (KL), R the labels
     frozen_prefix: bool = False  # only the slice new at the drawn rank is trained (``frozen_width``)
+    svd_at_end: bool = False  # the final adapter is saved re-factored by SVD (scaling "none"), nested that way
 
 
 def full_rank_gate(config, drawn=None) -> torch.Tensor:
@@ -101,11 +104,13 @@ def _sandwich_objective(config, drawn) -> tuple[list[int], list[float]]:
 METHODS: dict[str, Method] = {m.name: m for m in (
     Method("matryoshka", "the paper: all nested ranks at once through the gate P", gate=lambda c, _: c.p(),
            prefix=True),
-    Method("dylora", "one rank k per optimizer step, drawn from the train ranks (the default: best at equal "
-           "compute in docs/results.md)",
-           gate=_drawn_gate, draw=_draw_one),
+    Method("dylora", "one rank k per optimizer step, drawn from the train ranks (the default of MatryoshkaConfig: "
+           "the best objective that trains nested ranks, in docs/results.md)", gate=_drawn_gate, draw=_draw_one),
     Method("lora", "plain LoRA at rank R (nested afterwards by `matryoshka-lora svd`)", gate=full_rank_gate,
            prefix=True, plain=True),
+    Method("lora-svd", "plain LoRA at rank R, its final adapter re-factored by SVD so that rank k is the best "
+           "rank-k approximation of its ΔW (the default of `train`: best at equal compute in docs/results.md)",
+           gate=full_rank_gate, prefix=True, plain=True, svd_at_end=True),
     Method("matryoshka-exact", "the multi-rank loss Σ_r λ_r ℓ(rank r) itself, the batch stacked across the "
            "train ranks", gate=full_rank_gate, stacked=lambda c, _: (list(c.train_ranks), c.lambdas())),
     Method("sandwich", "the loss at R, at the smallest rank and at sandwich_n drawn ranks, stacked",
@@ -121,7 +126,10 @@ METHODS: dict[str, Method] = {m.name: m for m in (
 )}
 METHOD_NAMES = tuple(METHODS)
 PREFIX_METHODS = tuple(name for name, m in METHODS.items() if m.prefix)
+# MatryoshkaConfig(): a method whose live model is nested while it trains (use_rank works on it at every step)
 DEFAULT_METHOD = "dylora"
+# `train` (and so compare and demo): best at equal compute in docs/results.md; nested by the SVD at the final save
+TRAIN_DEFAULT_METHOD = "lora-svd"
 
 
 def method_help() -> str:

@@ -15,6 +15,7 @@ import os
 import shutil
 import sys
 import tempfile
+import warnings
 
 from .errors import UserError
 from .files import move_contents, read_yaml, write_text
@@ -198,16 +199,31 @@ def start_run(run_dir: str, checkpoint: str | None, overwrite: bool, resume: boo
         os.remove(os.path.join(run_dir, COMPLETE))
 
 
-def save_final(model, tokenizer, run_dir: str, state_dict: dict | None = None) -> list[str]:
+def save_final(model, tokenizer, run_dir: str, state_dict: dict | None = None, rewrite=None) -> list[str]:
     """Write the adapter and tokenizer into a temp folder in ``run_dir``, then move each file to the top.
 
     ``state_dict``: the gathered weights when the processes hold shards (FSDP, ZeRO-3); None reads the model's.
+    ``rewrite``: called with the temp folder once the adapter is in it, to replace it (``svd.nest_in_place``)
+    before anything reaches ``run_dir``.
     """
     tmp = tempfile.mkdtemp(prefix=".final-tmp-", dir=run_dir)
     try:
         model.save_pretrained(tmp, **({} if state_dict is None else {"state_dict": state_dict}))
+        if rewrite is not None:
+            rewrite(tmp)
         tokenizer.save_pretrained(tmp)
         moved = move_contents(tmp, run_dir)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return sorted({rel.split(os.sep)[0] for rel in moved})
+
+
+def warn_if_not_nested(config, directory) -> None:
+    """A ``lora-svd`` adapter is nested by the SVD of ``train``'s final save (which writes ``svd_source.json``);
+    its checkpoints hold the plain LoRA adapter that resumes, whose prefixes are truncations by position."""
+    if not isinstance(directory, (str, os.PathLike)):
+        return  # a model in memory: its adapter is what trained
+    if config.method_record.svd_at_end and not os.path.isfile(os.path.join(directory, SVD_SOURCE)):
+        warnings.warn(f"{directory} holds the plain LoRA adapter of a lora-svd run (a checkpoint, or a run that did "
+                      f"not finish): its rank-k prefixes are not nested yet; `matryoshka-lora svd {directory}` "
+                      "nests it", stacklevel=3)

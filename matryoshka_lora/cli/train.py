@@ -13,8 +13,9 @@ from ..training.config import (ADAPTER_FIELDS, WHAT_TO_TRAIN, TrainConfig, build
 def parser() -> argparse.ArgumentParser:
     p = ArgumentParser(
         prog="matryoshka-lora train",
-        description="Fine-tune a causal LM with a nested-rank LoRA adapter (dylora, matryoshka, lora, "
-                    "matryoshka-exact or sandwich). Values come from CONFIG.yaml, then from --key value overrides.",
+        description="Fine-tune a causal LM with a nested-rank LoRA adapter: by default plain LoRA re-factored by SVD "
+                    "at the end (lora-svd), or a nested objective (dylora, matryoshka, ...; see --method). Values "
+                    "come from CONFIG.yaml, then from --key value overrides.",
         epilog="example: matryoshka-lora train configs/smollm2-arithmetic.yaml --rank 16 --max_steps 50",
         formatter_class=argparse.RawDescriptionHelpFormatter, add_help=True, allow_abbrev=False)
     p.add_argument("config", nargs="?", help="YAML file of config keys (optional: defaults train the embedded "

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from ..base_models import DTYPES, quantization_problem
 from ..config import MatryoshkaConfig, key
 from ..formats import DATA_FORMATS, columns_problem
+from ..methods import TRAIN_DEFAULT_METHOD, method_help
 from ..errors import UserError
 from .init_adapter import init_problem
 from .kinds import coerce_kind
@@ -23,6 +24,8 @@ class TrainConfig(MatryoshkaConfig):
     them, their defaults and their help) and the run's below. Values are checked by ``validate`` (a config read
     from YAML or the command line may hold strings until then), not on construction."""
 
+    # the adapter's field with a default of its own: a run ends with a final save that can re-factor (lora-svd)
+    method: str = key(TRAIN_DEFAULT_METHOD, method_help(), "str")
     # what to train
     model: str = key("smollm2", "hub id, local folder, .gguf file, or 'smollm2' (the embedded "
                      "SmolLM2-135M-Instruct)", "str")

@@ -27,9 +27,11 @@ from ..data import load_examples
 from ..features import Collator, PackedCollator, describe_counts, pack_features, packing_problem, tokenize_examples
 from ..errors import TrainingStopped, UserError
 from ..files import write_json, write_yaml
+from ..methods import METHODS
 from ..model import adapter_shapes, get_matryoshka_model
 from ..rundir import (CHECKPOINTS, COMPLETE, TRAIN_CONFIG, check_disk, check_output_dir, latest_checkpoint,
                       save_final, start_run)
+from ..svd import nest_in_place
 from .budget import check_memory
 from .config import TrainConfig, default_output_dir
 from .init_adapter import load_init_adapter
@@ -162,7 +164,9 @@ def finish(run: Prepared, config: TrainConfig, result, seconds: float) -> None:
     if not trainer.is_world_process_zero():
         return
     try:
-        files = save_final(trainer.accelerator.unwrap_model(trainer.model), run.tokenizer, run.run_dir, state_dict)
+        rewrite = nest_in_place if config.matryoshka_config().method_record.svd_at_end else None
+        files = save_final(trainer.accelerator.unwrap_model(trainer.model), run.tokenizer, run.run_dir, state_dict,
+                           rewrite)
     except OSError as e:
         raise TrainingStopped(f"could not write the final adapter to {run.run_dir}: {e}; the last checkpoint "
                               f"{latest_checkpoint(run.run_dir)} is intact", 1) from None
@@ -285,10 +289,12 @@ def peak_memory_gib() -> float:
 
 def print_summary(s: dict, run_dir: str) -> None:
     rel = os.path.relpath(run_dir) if not os.path.relpath(run_dir).startswith("..") else run_dir
+    nested = "re-factored by SVD at the save: rank k is the best rank-k approximation of the trained ΔW\n" \
+        if METHODS[s["method"]].svd_at_end else ""
     print(
         f"\ntrained {s['method']} R={s['rank']} (ranks {s['train_ranks']}): {s['steps']} steps in {s['seconds']:.0f} s, "
         f"{s['tokens']} tokens ({s['session_tokens'] / max(s['train_seconds'], 1e-9):.0f} tokens/s), mean train loss "
         f"{s['train_loss']:.4f}, peak memory {s['peak_memory_gib']:.2f} GiB\n"
-        f"adapter, config, tokenizer and train_log.jsonl: {rel}/\n"
+        f"{nested}adapter, config, tokenizer and train_log.jsonl: {rel}/\n"
         f"next: matryoshka-lora eval {rel}    (accuracy at every rank)\n"
         f"      matryoshka-lora export {rel}  (standard PEFT adapters per rank)", flush=True)
