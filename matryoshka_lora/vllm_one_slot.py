@@ -31,8 +31,6 @@ import re
 
 CONFIG_ENV = "MATRYOSHKA_LORA_ONE_SLOT"
 PLUGIN_NAME = "matryoshka_lora_one_slot"
-
-
 REPORT = ("matryoshka-lora one-slot: %d adapter ids share 1 slot in %d linear LoRA layers; their A/B buffers take "
           "%d bytes (one slot per id: %d bytes)")  # the engine log's line, read back by ``read_report``
 
