@@ -1,7 +1,7 @@
 """Every method through one set of checks (as PEFT's TEST_CASES): save/load, export, per-example ranks, resume.
 
-A method case is a name, the config that makes it, and whether its adapter is re-factored by SVD after training
-(``lora-svd``). Each case's adapter takes real optimizer steps with the method's own objective from non-zero
+A method case is a name and the config that makes it; whether its adapter is re-factored by SVD after training
+(``lora-svd``) comes from the method table. Each case's adapter takes real optimizer steps with the method's own objective from non-zero
 weights (a zero ``lora_B`` would hide bugs), so the checks see weights the method trained.
 """
 import json
@@ -33,7 +33,11 @@ FIXTURE_BASE = os.path.join(os.path.dirname(__file__), "fixtures", "v0_1_run", "
 class MethodCase:
     name: str
     config: dict = field(default_factory=dict)
-    svd: bool = False  # the saved adapter is re-factored by SVD (lora-svd: `train` does it at its final save)
+
+    @property
+    def svd(self) -> bool:
+        """The saved adapter is re-factored by SVD (lora-svd: `train` does it at its final save)."""
+        return METHODS[self.config["method"]].svd_at_end
 
 
 CASES = [
@@ -42,7 +46,7 @@ CASES = [
     MethodCase("lora", {"method": "lora", "scaling": "rank"}),
     MethodCase("matryoshka-exact", {"method": "matryoshka-exact", "p_normalize": True}),
     MethodCase("sandwich", {"method": "sandwich", "sandwich_n": 1, "scaling": "sqrt", "p_normalize": True}),
-    MethodCase("lora-svd", {"method": "lora-svd", "scaling": "sqrt"}, svd=True),
+    MethodCase("lora-svd", {"method": "lora-svd", "scaling": "sqrt"}),
     MethodCase("distill", {"method": "distill", "sandwich_n": 1, "scaling": "sqrt"}),
     MethodCase("dylora-distill", {"method": "dylora-distill", "scaling": "rank", "p_normalize": True}),
     MethodCase("dylora-frozen", {"method": "dylora-frozen", "scaling": "rank"}),

@@ -91,8 +91,9 @@ def test_the_report_line_reads_back():
 
 def test_the_plugin_folder_is_discovered_by_entry_point_and_does_nothing_unset(tiny_llama_dir, tmp_path):
     run = make_run(tiny_llama_dir, tmp_path / "run", model=random_adapter(tiny_llama_dir, scaling="sqrt"))
-    env = one_slot_env(MatryoshkaConfig.load(run), [1, 2, 4, 8], str(tmp_path), dict(os.environ, VLLM_PLUGINS="other"))
-    assert read_gates(env[CONFIG_ENV]) == export_gates(MatryoshkaConfig.load(run), [1, 2, 4, 8])
+    config = MatryoshkaConfig.load(run)
+    env = one_slot_env(config, [1, 2, 4, 8], str(tmp_path), dict(os.environ, VLLM_PLUGINS="other"))
+    assert read_gates(env[CONFIG_ENV]) == export_gates(config, [1, 2, 4, 8])
     assert read_gates(env[CONFIG_ENV])[4] == [0.5] * 4
     assert env["VLLM_PLUGINS"] == "other,matryoshka_lora_one_slot"
     probe = ("from importlib.metadata import entry_points; import importlib; "
