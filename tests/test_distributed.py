@@ -45,9 +45,12 @@ def init_with_fsdp_on_cpu(self, *args, fsdp_plugin=None, **kwargs):
 
 
 accelerate.state.AcceleratorState.__init__ = init_with_fsdp_on_cpu
+import torch.distributed
 from matryoshka_lora.cli import main
 
-sys.exit(main(["train", *sys.argv[1:]]))
+code = main(["train", *sys.argv[1:]])
+assert not torch.distributed.is_initialized(), "train left its process group to the interpreter's exit"
+sys.exit(code)
 '''
 
 # accelerate starts DeepSpeed's process group only when it finds an accelerator backend (nccl, ...); here gloo
@@ -76,9 +79,12 @@ accelerate.state.PartialState._prepare_backend = prepare_gloo
 shm = importlib.import_module("deepspeed.comm.torch")
 assert hasattr(shm, "build_shm_op"), "deepspeed moved build_shm_op: update ZERO_ON_CPU"  # else 3 minutes more
 shm.build_shm_op = lambda: None  # no JIT build (see above)
+import torch.distributed
 from matryoshka_lora.cli import main
 
-sys.exit(main(["train", *sys.argv[1:]]))
+code = main(["train", *sys.argv[1:]])
+assert not torch.distributed.is_initialized(), "train left its process group to the interpreter's exit"
+sys.exit(code)
 '''
 
 

@@ -80,4 +80,16 @@ def main(argv) -> int:
     from ..training.run import train  # transformers, PEFT and the Trainer load only once the config is valid
 
     train(config)
+    end_processes()
     return 0
+
+
+def end_processes() -> None:
+    """In a multi-process run, every process waits for the main one's final save, then tears the process group
+    down itself: left to the interpreter's exit, the gloo teardown (under DeepSpeed) now and then aborts a process
+    whose work is done (``terminate called without an active exception``) and fails a run that succeeded."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
