@@ -20,7 +20,7 @@ from .files import read_yaml, write_json
 from .methods import METHOD_NAMES
 from .ranks import aurac, log_aurac
 from .report import compare_markdown, write_compare_outputs
-from .rundir import COMPLETE, SVD_SOURCE, WEIGHTS, read_train_config
+from .rundir import COMPLETE, SVD_SOURCE, TRAIN_CONFIG, WEIGHTS, latest_checkpoint, read_train_config
 from .serving import engine_python
 from .svd import svd_adapter
 from .training import TrainConfig, build_config, train
@@ -52,18 +52,24 @@ def parse_seeds(text: str) -> list[int]:
 
 
 def train_or_reuse(file_values: dict, overrides: dict, method: str, seed: int, run_dir: str, source: str) -> str:
-    """Train one (method, seed) into ``run_dir``, or reuse it when a complete run with this config is there."""
+    """Train one (method, seed) into ``run_dir``; a run with this config there is reused when finished, continued
+    from its last checkpoint when not (resume is bit-exact), and replaced when its config differs."""
     config = build_config(file_values, {**overrides, "method": method, "seed": seed,
                                                   "output_dir": run_dir}, source=source)
-    if _complete_with_same_config(run_dir, config):
-        print(f"matryoshka-lora compare: reusing the finished run {run_dir}", flush=True)
-        return run_dir
+    if _same_config(run_dir, config):
+        if os.path.isfile(os.path.join(run_dir, COMPLETE)):
+            print(f"matryoshka-lora compare: reusing the finished run {run_dir}", flush=True)
+            return run_dir
+        if (checkpoint := latest_checkpoint(run_dir)) is not None:  # a study stopped mid-run goes on from there
+            print(f"matryoshka-lora compare: continuing the unfinished run {run_dir} from {checkpoint}", flush=True)
+            config.resume = True
+            return train(config)
     config.overwrite = os.path.isdir(run_dir)
     return train(config)
 
 
-def _complete_with_same_config(run_dir: str, config) -> bool:
-    if not os.path.isfile(os.path.join(run_dir, COMPLETE)):
+def _same_config(run_dir: str, config) -> bool:
+    if not os.path.isfile(os.path.join(run_dir, TRAIN_CONFIG)):
         return False
     saved = read_train_config(run_dir)
     wanted = {k: v for k, v in vars(config).items() if k not in ("overwrite", "resume")}

@@ -1,10 +1,13 @@
 """`compare` end to end on a tiny random model: every method trained, evaluated, tabulated and plotted."""
 import json
 import os
+import shutil
 import sys
 
 import pytest
+import torch
 import yaml
+from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from matryoshka_lora.adapter_io import load_matryoshka_model
@@ -57,6 +60,24 @@ def test_compare_reuses_finished_runs(compared, tiny_llama_dir, capsys):
     assert run_compare(tiny_llama_dir, compared, "matryoshka", "1") == 0
     assert "reusing the finished run" in capsys.readouterr().out
     assert os.path.getmtime(compared / "matryoshka" / "seed-1" / "adapter_model.safetensors") == before
+
+
+def test_compare_continues_an_unfinished_run_from_its_checkpoint(tiny_llama_dir, tmp_path, capsys):
+    """A study stopped mid-run (killed, or the session ended) goes on from the last checkpoint, to the very adapter
+    an uninterrupted run gives (resume is bit-exact), instead of training again from step 0."""
+    steps = ["--max_steps", "4", "--save_steps", "2"]
+    assert run_compare(tiny_llama_dir, tmp_path, "dylora", "3", *steps) == 0
+    run = tmp_path / "dylora" / "seed-3"
+    whole = load_file(run / "adapter_model.safetensors")
+    assert any(t.abs().sum() > 0 for k, t in whole.items() if "lora_B" in k)  # B = 0 would hide a wrong resume
+    for name in ("run_complete.json", "adapter_model.safetensors"):  # as if killed after checkpoint-2
+        (run / name).unlink()
+    shutil.rmtree(run / "checkpoints" / "checkpoint-4")
+    capsys.readouterr()
+    assert run_compare(tiny_llama_dir, tmp_path, "dylora", "3", *steps) == 0
+    assert f"continuing the unfinished run {run} from {run / 'checkpoints' / 'checkpoint-2'}" in capsys.readouterr().out
+    resumed = load_file(run / "adapter_model.safetensors")
+    assert resumed.keys() == whole.keys() and all(torch.equal(resumed[k], whole[k]) for k in whole)
 
 
 def test_compare_reuses_the_svd_run_and_its_evaluation(compared, tiny_llama_dir, capsys):
