@@ -1,4 +1,4 @@
-"""Issue 18 study: per-layer rank profiles against uniform ranks, at the same adapter parameters.
+r"""Issue 18 study: per-layer rank profiles against uniform ranks, at the same adapter parameters.
 
 For each seed: train the config (default: configs/smollm2-arithmetic.yaml, DyLoRA R = 8 on every linear layer of
 the embedded SmolLM2-135M; reused when finished), then `allocate` it at --budgets with each --scores (calibration:

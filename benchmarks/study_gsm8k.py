@@ -1,4 +1,4 @@
-"""Issue 8 study (b): which objective gives the best rank curve on GSM8K, at equal compute.
+r"""Issue 8 study (b): which objective gives the best rank curve on GSM8K, at equal compute.
 
 Every method gets the same budget of forward/backward passes (batch 4): `matryoshka`, `dylora` and `lora` train
 for BUDGET optimizer steps, `sandwich` (n = 1: ranks R, 1 and one drawn) for BUDGET / 3, `matryoshka-exact` for

@@ -1,4 +1,4 @@
-"""Issue 20 study: can a nested-rank objective beat plain LoRA re-factored by SVD (`lora-svd`), at equal compute?
+r"""Issue 20 study: can a nested-rank objective beat plain LoRA re-factored by SVD (`lora-svd`), at equal compute?
 
 Every method gets the same budget of forward/backward passes of 4 examples (4x the budgets of docs/results.md: 200
 on arithmetic, 256 on GSM8K): a method stacking w ranks per step trains budget / w steps (`distill` with
@@ -10,6 +10,8 @@ sandwich_n 1: 3, `dylora-distill`: 2, counted as if k < R every step; `matryoshk
     dylora-distill    one drawn rank on the KL to rank R, R on the labels
     dylora-frozen     DyLoRA with its paper's update (only the new slice trains)
     dylora-small      dylora drawing rank r with probability ∝ 1 / (1 + log2 r) (towards small ranks)
+    dylora-aurac      dylora drawing rank r with the weight AURAC gives it (towards large ranks: R = 8 draws
+                      1, 2, 4, 8 with 1/14, 3/14, 6/14, 4/14), so the expected loss weights ranks as the score does
     lora-svd-dylora   LoRA for 85 % of the steps, svd, DyLoRA for the last 15 % from the re-factored adapter
 
 Two stages, both resumable (finished runs and evaluations are reused, so stop and rerun at will, over sessions):
@@ -42,10 +44,11 @@ import torch
 from matryoshka_lora.compare import SVD, compare, over_seeds
 from matryoshka_lora.evaluation.results import default_eval_dir
 from matryoshka_lora.files import write_json
-from matryoshka_lora.ranks import default_train_ranks
+from matryoshka_lora.ranks import aurac, default_train_ranks
 from matryoshka_lora.report import plot_rank_curves
 
-METHODS = ["dylora", "lora-svd", "distill", "dylora-distill", "dylora-frozen", "dylora-small", "lora-svd-dylora"]
+METHODS = ["dylora", "lora-svd", "distill", "dylora-distill", "dylora-frozen", "dylora-small", "lora-svd-dylora",
+           "dylora-aurac"]
 TASKS = {  # train settings, passes per run, evaluation, the metric tabulated
     "arithmetic": dict(train={"data": "arithmetic", "max_length": 160}, budget=200, metric="exact_match_strict",
                        eval={"task": "arithmetic", "limit": 200, "batch_size": 50, "max_new_tokens": 48}),
@@ -66,6 +69,11 @@ def small_first(ranks: list[int]) -> list[float]:
     return [x / sum(w) for x in w]
 
 
+def aurac_weights(ranks: list[int]) -> list[float]:
+    """The draw of dylora-aurac: rank r's weight in AURAC (the score's change per point at rank r; they sum to 1)."""
+    return [aurac(ranks, [float(i == j) for j in range(len(ranks))]) for i in range(len(ranks))]
+
+
 def settings(args, method: str) -> tuple[str, dict]:
     """(the method compare trains, the train settings of this study for ``method``)."""
     task, ranks = TASKS[args.task], default_train_ranks(args.rank)
@@ -76,6 +84,8 @@ def settings(args, method: str) -> tuple[str, dict]:
         train["data"] = args.data or "gsm8k"
     if method == "dylora-small":
         return "dylora", dict(train, dylora_probs=small_first(ranks))
+    if method == "dylora-aurac":
+        return "dylora", dict(train, dylora_probs=aurac_weights(ranks))
     return method, train
 
 
@@ -170,7 +180,8 @@ def report(args, final: dict, sweep: dict, seeds: list[int], minutes: float) -> 
     for m in dict.fromkeys(m for s in sweep.values() for m in s):
         lines.append(f"| {m} | " + " | ".join(f"{100 * sweep[lr][m]['aurac']:.1f}" if m in sweep[lr] else "—"
                                              for lr in sorted(sweep)) + " |")
-    lines += ["", f"budget {args.budget} passes of 4 examples per run; this invocation: {minutes:.0f} min on {machine()}"]
+    lines += ["", f"budget {args.budget} passes of 4 examples per run; "
+                  f"this invocation: {minutes:.0f} min on {machine()}"]
     return "\n".join(lines) + "\n"
 
 
@@ -178,13 +189,13 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--task", choices=sorted(TASKS), default="arithmetic")
     p.add_argument("--data", default=None, help="gsm8k: a folder with train/test.jsonl (default: openai/gsm8k)")
-    p.add_argument("--model", default="smollm2")
+    p.add_argument("--model", default="smollm2", help="the base model (default: the embedded SmolLM2-135M-Instruct)")
     p.add_argument("--rank", type=int, default=8, help="R; S = powers of two up to R")
     p.add_argument("--budget", type=int, default=None, help="passes of 4 examples per run (default: the task's)")
-    p.add_argument("--lrs", default="1e-3,3e-3,9e-3")
-    p.add_argument("--sweep_seeds", default="0")
-    p.add_argument("--seeds", default="0,1,2")
-    p.add_argument("--methods", default=",".join(METHODS))
+    p.add_argument("--lrs", default="1e-3,3e-3,9e-3", help="learning rates of the sweep, comma-separated")
+    p.add_argument("--sweep_seeds", default="0", help="seeds the sweep picks each method's rate on")
+    p.add_argument("--seeds", default="0,1,2", help="seeds of the final table, at each method's best rate")
+    p.add_argument("--methods", default=",".join(METHODS), help="comma-separated, from the list above (default: all)")
     p.add_argument("--output_dir", required=True)
     p.add_argument("--ledger", default=None, help="the results kept in the repo (default: "
                    "benchmarks/study_nested-TASK-rR.json next to this script)")

@@ -1,4 +1,4 @@
-"""Issue 8 study (a): which objective gives the best rank-accuracy curve on the arithmetic task, on CPU.
+r"""Issue 8 study (a): which objective gives the best rank-accuracy curve on the arithmetic task, on CPU.
 
 Each method is trained at every learning rate of a small sweep and every seed through `compare`, evaluated by
 greedy generation exact match at ranks 1, 2, 4, 8; each method is then reported at its own best learning rate
